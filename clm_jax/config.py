@@ -1,0 +1,187 @@
+"""Config validation and the typed views the library builds from it.
+
+`validate` checks a whole ConfigDict against the schema in configs/base.py
+and against the devices it will run on, before any device work, and raises
+one ConfigError listing every problem by its key.
+"""
+
+import dataclasses
+import math
+
+import ml_collections
+
+from configs import base
+
+DTYPES = ('float32', 'bfloat16', 'float16')
+REMAT = ('none', 'full', 'save_dots')
+ATTENTION = ('xla', 'cudnn')
+SOURCES = ('stdlib',)
+
+
+class ConfigError(ValueError):
+  """An invalid configuration; the message names the offending key(s)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The validated, frozen model hyper-parameters (built from `config.model`)."""
+
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  mlp_dim: int
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  max_seq_len: int = 4096
+  init_std: float = 0.02
+  param_dtype: str = 'float32'
+  dtype: str = 'bfloat16'
+  remat: str = 'full'
+  attention: str = 'xla'
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @classmethod
+  def from_config(cls, c_model: ml_collections.ConfigDict) -> 'ModelConfig':
+    return cls(**{f.name: c_model[f.name] for f in dataclasses.fields(cls)})
+
+
+def flatten(c: ml_collections.ConfigDict, prefix: str = '') -> dict:
+  """{'model.d_model': 512, ...} for a nested ConfigDict."""
+  out = {}
+  for key, value in c.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def mesh_shape(c_mesh: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
+  """(data, tensor, pipeline) with a -1 entry filled from the device count."""
+  sizes = {k: c_mesh[k] for k in ('data', 'tensor', 'pipeline')}
+  fill = [k for k, v in sizes.items() if v == -1]
+  bad = [k for k, v in sizes.items() if v != -1 and (not isinstance(v, int) or v < 1)]
+  if bad or len(fill) > 1:
+    raise ConfigError(
+      f'mesh.{"/".join(bad or fill)}: sizes must be positive integers, '
+      f'with at most one -1 (fill); got {sizes}'
+    )
+  fixed = math.prod(v for v in sizes.values() if v != -1)
+  if fill:
+    if num_devices % fixed:
+      raise ConfigError(
+        f'mesh.{fill[0]}=-1 cannot fill {num_devices} devices: the other axes '
+        f'multiply to {fixed}, which does not divide {num_devices}'
+      )
+    sizes[fill[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ConfigError(
+      f'mesh.data x mesh.tensor x mesh.pipeline = {fixed} ({sizes}) but '
+      f'{num_devices} devices are available; set one of them to -1 to fill'
+    )
+  return sizes['data'], sizes['tensor'], sizes['pipeline']
+
+
+def _check_schema(c, errors):
+  schema = flatten(base.get_config())
+  given = flatten(c)
+  for key in sorted(set(given) - set(schema)):
+    close = [k for k in schema if k.rsplit('.', 1)[-1] == key.rsplit('.', 1)[-1]]
+    hint = f' (did you mean {close[0]}?)' if close else ''
+    errors.append(f'{key}: unknown config key{hint}')
+  for key in sorted(set(schema) - set(given)):
+    errors.append(f'{key}: missing config key')
+  for key in sorted(set(schema) & set(given)):
+    want, got = type(schema[key]), type(given[key])
+    if want is float and got is int:
+      continue
+    if not isinstance(given[key], want):
+      errors.append(f'{key}: expected {want.__name__}, got {given[key]!r}')
+
+
+def _check_values(c, num_devices, errors):
+  m, t, o = c.model, c.train, c.optim
+
+  def positive(section, *keys):
+    for key in keys:
+      if not c[section][key] > 0:
+        errors.append(f'{section}.{key}: must be > 0, got {c[section][key]}')
+
+  positive('model', 'vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads')
+  positive('model', 'mlp_dim', 'rope_theta', 'norm_eps', 'max_seq_len', 'init_std')
+  positive('train', 'steps', 'seq_len', 'global_batch_size', 'microbatches', 'log_every')
+  positive('optim', 'peak_lr', 'eps')
+  positive('checkpoint', 'every', 'keep')
+  for section, key in [('train', 'eval_every'), ('train', 'eval_batches'),
+                       ('train', 'peak_tflops'), ('optim', 'warmup_steps'),
+                       ('optim', 'decay_steps'), ('optim', 'weight_decay'),
+                       ('optim', 'clip_norm'), ('train', 'max_nonfinite')]:
+    if c[section][key] < 0:
+      errors.append(f'{section}.{key}: must be >= 0, got {c[section][key]}')
+  for key in ('b1', 'b2'):
+    if not 0 <= o[key] < 1:
+      errors.append(f'optim.{key}: must be in [0, 1), got {o[key]}')
+  if not 0 <= o.end_lr_ratio <= 1:
+    errors.append(f'optim.end_lr_ratio: must be in [0, 1], got {o.end_lr_ratio}')
+  if not 0 <= c.data.heldout_fraction < 1:
+    errors.append(f'data.heldout_fraction: must be in [0, 1), got {c.data.heldout_fraction}')
+  for key, allowed in [('param_dtype', DTYPES), ('dtype', DTYPES), ('remat', REMAT),
+                       ('attention', ATTENTION)]:
+    if m[key] not in allowed:
+      errors.append(f'model.{key}: {m[key]!r} is not one of {allowed}')
+  if c.data.source not in SOURCES:
+    errors.append(f'data.source: {c.data.source!r} is not one of {SOURCES}')
+  if errors:
+    return  # The checks below divide by these values.
+
+  if m.num_heads % m.num_kv_heads:
+    errors.append(
+      f'model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}'
+    )
+  if m.d_model % m.num_heads or (m.d_model // m.num_heads) % 2:
+    errors.append(
+      f'model.d_model={m.d_model} / model.num_heads={m.num_heads} must be an even '
+      'integer head_dim (rotary embeddings rotate pairs)'
+    )
+  if t.seq_len > m.max_seq_len:
+    errors.append(f'train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}')
+  if t.global_batch_size % t.microbatches:
+    errors.append(
+      f'train.global_batch_size={t.global_batch_size} is not divisible by '
+      f'train.microbatches={t.microbatches}'
+    )
+
+  try:
+    data, tensor, pipeline = mesh_shape(c.mesh, num_devices)
+  except ConfigError as e:
+    errors.append(str(e))
+    return
+  if pipeline != 1:
+    errors.append(
+      f'mesh.pipeline={pipeline}: pipeline parallelism is not available yet; set mesh.pipeline=1'
+    )
+  micro = t.global_batch_size // t.microbatches
+  if micro % data:
+    errors.append(
+      f'train.global_batch_size={t.global_batch_size} / train.microbatches='
+      f'{t.microbatches} = {micro} rows per micro-batch, not divisible by mesh.data={data}'
+    )
+  for key in ('num_heads', 'mlp_dim', 'vocab_size'):
+    if m[key] % tensor:
+      errors.append(f'model.{key}={m[key]} is not divisible by mesh.tensor={tensor}')
+  # kv heads that do not divide over 'tensor' are replicated (sharding.py), not an error.
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises ConfigError naming every inconsistent or unknown key of `c`."""
+  errors: list[str] = []
+  _check_schema(c, errors)
+  if not errors:
+    _check_values(c, num_devices, errors)
+  if errors:
+    raise ConfigError('invalid config:\n  ' + '\n  '.join(errors))

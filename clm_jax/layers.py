@@ -1,0 +1,130 @@
+"""The pieces of a LLaMA-2 decoder block, as Flax NNX modules.
+
+Axis alphabet (used in einsum strings and as suffixes on activations):
+  B batch, T query length, S key length, D d_model, N query heads,
+  K kv heads, G query heads per kv head (N = K * G), H head_dim,
+  F mlp hidden, V vocab.
+
+Parameters carry logical axis names only (`embed`, `heads`, `kv_heads`,
+`head_dim`, `mlp`, `vocab`, `norm`); `clm_jax.sharding` maps them to the mesh.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from clm_jax import config as config_lib
+from clm_jax import sharding
+
+
+def param(rngs, cfg: config_lib.ModelConfig, shape, axes, init=None) -> nnx.Param:
+  """A parameter with its logical axis names in `out_sharding` metadata.
+
+  Eager sharding is off: the state is created under `jit(out_shardings=...)`
+  computed from these names, never placed by Flax itself.
+  """
+  init = init or jax.nn.initializers.normal(cfg.init_std)
+  value = init(rngs.params(), shape, jnp.dtype(cfg.param_dtype))
+  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm computed in float32 (as LLaMA / HF Llama)."""
+
+  def __init__(self, cfg: config_lib.ModelConfig, rngs: nnx.Rngs):
+    self.scale = param(rngs, cfg, (cfg.d_model,), ('norm',), jax.nn.initializers.ones)
+    self.eps = cfg.norm_eps
+
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    x = x_BTD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (x * self.scale[...].astype(jnp.float32)).astype(x_BTD.dtype)
+
+
+def rotary(x_BTnH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding in the Hugging Face layout (i rotates with i + H/2)."""
+  half = x_BTnH.shape[-1] // 2
+  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+  cos = jnp.cos(angles_BTh)[:, :, None, :]
+  sin = jnp.sin(angles_BTh)[:, :, None, :]
+  x = x_BTnH.astype(jnp.float32)
+  x1, x2 = x[..., :half], x[..., half:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTnH.dtype)
+
+
+def document_mask(segment_ids_BT: jax.Array) -> jax.Array:
+  """[B, 1, T, S] True where query and key are in the same packed document.
+
+  Causality is added by `is_causal`; together a token sees only earlier
+  tokens of its own document. Padding (segment 0) sees only padding, which
+  keeps every softmax row non-empty; its targets are masked in the loss.
+  """
+  return (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention with rotary positions and document masking."""
+
+  def __init__(self, cfg: config_lib.ModelConfig, rngs: nnx.Rngs):
+    D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.wq = param(rngs, cfg, (D, N, H), ('embed', 'heads', 'head_dim'))
+    self.wk = param(rngs, cfg, (D, K, H), ('embed', 'kv_heads', 'head_dim'))
+    self.wv = param(rngs, cfg, (D, K, H), ('embed', 'kv_heads', 'head_dim'))
+    self.wo = param(rngs, cfg, (N, H, D), ('heads', 'head_dim', 'embed'))
+    self.cfg = cfg
+
+  def __call__(self, x_BTD, segment_ids_BT, positions_BT) -> jax.Array:
+    cfg = self.cfg
+    dtype = x_BTD.dtype
+    q_BTNH = jnp.einsum('BTD,DNH->BTNH', x_BTD, self.wq[...].astype(dtype))
+    k_BSKH = jnp.einsum('BSD,DKH->BSKH', x_BTD, self.wk[...].astype(dtype))
+    v_BSKH = jnp.einsum('BSD,DKH->BSKH', x_BTD, self.wv[...].astype(dtype))
+    q_BTNH = sharding.constrain(q_BTNH, ('batch', 'seq', 'heads', None))
+    q_BTNH = rotary(q_BTNH, positions_BT, cfg.rope_theta)
+    k_BSKH = rotary(k_BSKH, positions_BT, cfg.rope_theta)
+    # The softmax runs in float32 inside dot_product_attention. GQA is native:
+    # the K kv heads are shared by N / K query heads each, never repeated.
+    out_BTNH = jax.nn.dot_product_attention(
+      q_BTNH,
+      k_BSKH,
+      v_BSKH,
+      mask=document_mask(segment_ids_BT),
+      is_causal=True,
+      implementation=cfg.attention,
+    )
+    out_BTD = jnp.einsum('BTNH,NHD->BTD', out_BTNH, self.wo[...].astype(dtype))
+    return sharding.constrain(out_BTD, ('batch', 'seq', None))
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(x @ gate) * (x @ up))."""
+
+  def __init__(self, cfg: config_lib.ModelConfig, rngs: nnx.Rngs):
+    D, F = cfg.d_model, cfg.mlp_dim
+    self.w_gate = param(rngs, cfg, (D, F), ('embed', 'mlp'))
+    self.w_up = param(rngs, cfg, (D, F), ('embed', 'mlp'))
+    self.w_down = param(rngs, cfg, (F, D), ('mlp', 'embed'))
+
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    dtype = x_BTD.dtype
+    gate_BTF = jnp.einsum('BTD,DF->BTF', x_BTD, self.w_gate[...].astype(dtype))
+    up_BTF = jnp.einsum('BTD,DF->BTF', x_BTD, self.w_up[...].astype(dtype))
+    h_BTF = sharding.constrain(jax.nn.silu(gate_BTF) * up_BTF, ('batch', 'seq', 'mlp'))
+    out_BTD = jnp.einsum('BTF,FD->BTD', h_BTF, self.w_down[...].astype(dtype))
+    return sharding.constrain(out_BTD, ('batch', 'seq', None))
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: x + attn(norm(x)), then h + mlp(norm(h))."""
+
+  def __init__(self, cfg: config_lib.ModelConfig, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg, rngs)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg, rngs)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x_BTD, segment_ids_BT, positions_BT) -> jax.Array:
+    h_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), segment_ids_BT, positions_BT)
+    return h_BTD + self.mlp(self.mlp_norm(h_BTD))

@@ -1,0 +1,100 @@
+"""The CodeLlama / LLaMA-2 decoder and its functional interface.
+
+Axis alphabet: B batch, T sequence, D d_model, V vocab, L layers (the rest in
+`clm_jax.layers`).
+
+The blocks' parameters are stacked along a leading `layers` axis and run with
+one `jax.lax.scan`, so compile time does not grow with depth. Training code
+works on plain nested dicts of arrays (`params`); `apply` merges them with
+the module's graph inside the traced function.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from clm_jax import config as config_lib
+from clm_jax import layers
+from clm_jax import sharding
+
+_REMAT_POLICIES = {
+  # Keep only the scan carry; recompute the whole block in backward.
+  'full': jax.checkpoint_policies.nothing_saveable,
+  # Keep the projections' outputs (matmuls without batch dimensions), recompute
+  # norms, rotary, the attention core and the MLP's elementwise ops.
+  'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Decoder(nnx.Module):
+  """Token embedding, L stacked blocks, final RMSNorm, untied LM head."""
+
+  def __init__(self, cfg: config_lib.ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = layers.param(rngs, cfg, (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'))
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    def make_blocks(rngs):
+      return layers.Block(cfg, rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.final_norm = layers.RMSNorm(cfg, rngs)
+    self.lm_head = layers.param(rngs, cfg, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'))
+
+  def __call__(self, tokens_BT, segment_ids_BT, positions_BT) -> jax.Array:
+    """Returns float32 logits [B, T, V]."""
+    cfg = self.cfg
+    dtype = jnp.dtype(cfg.dtype)
+    x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype)
+    x_BTD = sharding.constrain(x_BTD, ('batch', 'seq', None))
+
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def body(x_BTD, block_state):
+      block = nnx.merge(graphdef, block_state)
+      return block(x_BTD, segment_ids_BT, positions_BT), None
+
+    if cfg.remat != 'none':
+      body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    x_BTD, _ = jax.lax.scan(body, x_BTD, stacked)
+
+    x_BTD = self.final_norm(x_BTD)
+    logits_BTV = jnp.einsum(
+      'BTD,DV->BTV',
+      x_BTD,
+      self.lm_head[...].astype(dtype),
+      preferred_element_type=jnp.float32,
+    )
+    return sharding.constrain(logits_BTV, ('batch', 'seq', 'vocab'))
+
+
+def abstract(cfg: config_lib.ModelConfig):
+  """Shapes and logical axes of the parameters, without allocating them.
+
+  Returns:
+    (graphdef, params, axes): the module graph, a nested dict of
+    jax.ShapeDtypeStruct, and a matching nested dict of logical-axis tuples.
+  """
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0))))
+  axes = nnx.to_pure_dict(nnx.get_partition_spec(state))
+  axes = jax.tree.map(tuple, axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  return graphdef, nnx.to_pure_dict(state), axes
+
+
+def init(cfg: config_lib.ModelConfig, rng: jax.Array):
+  """Fresh parameters as a nested dict of arrays (call under jit)."""
+  _, state = nnx.split(Decoder(cfg, nnx.Rngs(params=rng)))
+  return nnx.to_pure_dict(state)
+
+
+def apply(graphdef, params, tokens_BT, segment_ids_BT, positions_BT) -> jax.Array:
+  """Float32 logits [B, T, V] of the model with `params` on a packed batch."""
+  return nnx.merge(graphdef, params)(tokens_BT, segment_ids_BT, positions_BT)
+
+
+def param_count(params) -> int:
+  """Number of parameters in a (possibly abstract) params tree."""
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(params))

@@ -1,0 +1,44 @@
+"""The optax chain and learning-rate schedule of a CodeLlama run.
+
+clip_by_global_norm -> AdamW (decoupled weight decay, not on norm scales),
+with a linear warmup to the peak and a cosine decay to a floor; the whole
+chain is wrapped so that a non-finite gradient skips the update.
+"""
+
+import optax
+
+# apply_if_finite lets a non-finite update through once this many have been
+# skipped in a row; the training loop stops the run long before that.
+_NEVER = 2**31 - 1
+
+
+def make_schedule(c_optim, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to peak_lr, then cosine decay to end_lr_ratio * peak."""
+  decay_steps = c_optim.decay_steps or max(total_steps - c_optim.warmup_steps, 1)
+  return optax.warmup_cosine_decay_schedule(
+    init_value=0.0,
+    peak_value=c_optim.peak_lr,
+    warmup_steps=c_optim.warmup_steps,
+    decay_steps=c_optim.warmup_steps + decay_steps,
+    end_value=c_optim.peak_lr * c_optim.end_lr_ratio,
+  )
+
+
+def make_optimizer(c_optim, schedule: optax.Schedule, decay_mask) -> optax.GradientTransformation:
+  """The update rule.
+
+  Args:
+    c_optim: the `optim` config subtree.
+    schedule: learning rate by number of applied updates.
+    decay_mask: a params-shaped tree, True where weight decay applies.
+  """
+  clip = optax.clip_by_global_norm(c_optim.clip_norm) if c_optim.clip_norm else optax.identity()
+  adamw = optax.adamw(
+    learning_rate=schedule,
+    b1=c_optim.b1,
+    b2=c_optim.b2,
+    eps=c_optim.eps,
+    weight_decay=c_optim.weight_decay,
+    mask=decay_mask,
+  )
+  return optax.apply_if_finite(optax.chain(clip, adamw), max_consecutive_errors=_NEVER)

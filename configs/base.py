@@ -1,0 +1,72 @@
+"""Every configuration key of clm_jax, each with what it means.
+
+Other files in configs/ start from `get_config()` here and change only what
+differs. The config is locked: assigning a key that is not declared here (a
+typo) raises at once, and `clm_jax.config.validate` rejects inconsistent
+values before any device is touched.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = m = ml_collections.ConfigDict()
+  m.vocab_size = 32000  # Rows of the embedding and columns of the LM head.
+  m.d_model = 4096  # Width of the residual stream (D).
+  m.num_layers = 32  # Decoder blocks (L), run as one scan over stacked params.
+  m.num_heads = 32  # Query heads (N); head_dim = d_model // num_heads.
+  m.num_kv_heads = 32  # Key/value heads (K) for grouped-query attention.
+  m.mlp_dim = 11008  # Hidden width of the SwiGLU MLP (F).
+  m.rope_theta = 10000.0  # Rotary base; CodeLlama uses 1e6.
+  m.norm_eps = 1e-5  # RMSNorm epsilon.
+  m.max_seq_len = 4096  # Longest sequence the model is meant for (HF max_position_embeddings).
+  m.init_std = 0.02  # Std of the normal initialiser of every matrix.
+  m.param_dtype = 'float32'  # Dtype of the master weights (and optimizer state).
+  m.dtype = 'bfloat16'  # Compute dtype of matmuls; logits and softmax stay float32.
+  m.remat = 'full'  # Recompute in backward: 'none' | 'full' | 'save_dots' (keep matmul outputs).
+  m.attention = 'xla'  # jax.nn.dot_product_attention implementation: 'xla' | 'cudnn'.
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # Data-parallel size; -1 takes every device left over.
+  c.mesh.tensor = 1  # Megatron tensor-parallel size.
+  c.mesh.pipeline = 1  # Pipeline stages (only 1 until the pipeline schedule lands).
+  c.mesh.fsdp = False  # Also shard params and optimizer state over 'data' (ZeRO-3).
+
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 1000  # Optimizer steps to run.
+  t.seed = 0  # Seeds parameter init and data order.
+  t.seq_len = 2048  # Tokens per packed row (T).
+  t.global_batch_size = 64  # Rows per optimizer step, over all devices.
+  t.microbatches = 1  # Gradient-accumulation splits of the global batch.
+  t.log_every = 10  # Steps between metric lines.
+  t.eval_every = 0  # Steps between held-out evaluations; 0 = only at the end.
+  t.eval_batches = 4  # Held-out batches per evaluation; 0 disables evaluation.
+  t.max_nonfinite = 10  # Consecutive non-finite steps (skipped) before the run stops.
+  t.peak_tflops = 0.0  # Device bf16 peak for MFU; 0 = look up the device kind.
+
+  c.optim = o = ml_collections.ConfigDict()
+  o.peak_lr = 3e-4  # Learning rate at the end of warmup.
+  o.warmup_steps = 2000  # Linear warmup from 0 to peak_lr.
+  o.decay_steps = 0  # Steps of cosine decay after warmup; 0 = until train.steps.
+  o.end_lr_ratio = 0.1  # Cosine floor as a fraction of peak_lr.
+  o.b1 = 0.9  # Adam beta1.
+  o.b2 = 0.95  # Adam beta2.
+  o.eps = 1e-6  # Adam epsilon.
+  o.weight_decay = 0.1  # Decoupled weight decay; never applied to norm scales.
+  o.clip_norm = 1.0  # Global gradient-norm clip; 0 disables.
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 1000  # Steps between checkpoints; the last step is always saved.
+  c.checkpoint.keep = 3  # Recent checkpoints kept.
+
+  c.data = d = ml_collections.ConfigDict()
+  d.source = 'stdlib'  # Corpus: 'stdlib' = this interpreter's standard-library sources.
+  d.path = ''  # Root directory of the corpus; '' = the source's default.
+  d.heldout_fraction = 0.02  # Fraction of files held out for evaluation.
+  d.tokenizer = ''  # sentencepiece .model path; '' = train one on the corpus, cached.
+  d.tokenizer_sample_mb = 8  # Megabytes of corpus text the tokenizer is trained on.
+
+  c.lock()
+  return c
