@@ -47,7 +47,8 @@ class Checkpointer:
   def restore(self, step: int, abstract_state, data_iterator):
     """Restores into `abstract_state`'s shardings; advances `data_iterator` in place."""
     target = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      abstract_state,
     )
     restored = self._manager.restore(
       step,

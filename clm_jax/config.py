@@ -6,6 +6,7 @@ one ConfigError listing every problem by its key.
 """
 
 import dataclasses
+import difflib
 import math
 
 import ml_collections
@@ -61,7 +62,9 @@ def flatten(c: ml_collections.ConfigDict, prefix: str = '') -> dict:
   return out
 
 
-def mesh_shape(c_mesh: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
+def mesh_shape(
+  c_mesh: ml_collections.ConfigDict, num_devices: int
+) -> tuple[int, int, int]:
   """(data, tensor, pipeline) with a -1 entry filled from the device count."""
   sizes = {k: c_mesh[k] for k in ('data', 'tensor', 'pipeline')}
   fill = [k for k, v in sizes.items() if v == -1]
@@ -91,7 +94,7 @@ def _check_schema(c, errors):
   schema = flatten(base.get_config())
   given = flatten(c)
   for key in sorted(set(given) - set(schema)):
-    close = [k for k in schema if k.rsplit('.', 1)[-1] == key.rsplit('.', 1)[-1]]
+    close = difflib.get_close_matches(key, schema, n=1)
     hint = f' (did you mean {close[0]}?)' if close else ''
     errors.append(f'{key}: unknown config key{hint}')
   for key in sorted(set(schema) - set(given)):
@@ -114,13 +117,21 @@ def _check_values(c, num_devices, errors):
 
   positive('model', 'vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads')
   positive('model', 'mlp_dim', 'rope_theta', 'norm_eps', 'max_seq_len', 'init_std')
-  positive('train', 'steps', 'seq_len', 'global_batch_size', 'microbatches', 'log_every')
+  positive(
+    'train', 'steps', 'seq_len', 'global_batch_size', 'microbatches', 'log_every'
+  )
   positive('optim', 'peak_lr', 'eps')
   positive('checkpoint', 'every', 'keep')
-  for section, key in [('train', 'eval_every'), ('train', 'eval_batches'),
-                       ('train', 'peak_tflops'), ('optim', 'warmup_steps'),
-                       ('optim', 'decay_steps'), ('optim', 'weight_decay'),
-                       ('optim', 'clip_norm'), ('train', 'max_nonfinite')]:
+  for section, key in [
+    ('train', 'eval_every'),
+    ('train', 'eval_batches'),
+    ('train', 'peak_tflops'),
+    ('optim', 'warmup_steps'),
+    ('optim', 'decay_steps'),
+    ('optim', 'weight_decay'),
+    ('optim', 'clip_norm'),
+    ('train', 'max_nonfinite'),
+  ]:
     if c[section][key] < 0:
       errors.append(f'{section}.{key}: must be >= 0, got {c[section][key]}')
   for key in ('b1', 'b2'):
@@ -129,9 +140,15 @@ def _check_values(c, num_devices, errors):
   if not 0 <= o.end_lr_ratio <= 1:
     errors.append(f'optim.end_lr_ratio: must be in [0, 1], got {o.end_lr_ratio}')
   if not 0 <= c.data.heldout_fraction < 1:
-    errors.append(f'data.heldout_fraction: must be in [0, 1), got {c.data.heldout_fraction}')
-  for key, allowed in [('param_dtype', DTYPES), ('dtype', DTYPES), ('remat', REMAT),
-                       ('attention', ATTENTION)]:
+    errors.append(
+      f'data.heldout_fraction: must be in [0, 1), got {c.data.heldout_fraction}'
+    )
+  for key, allowed in [
+    ('param_dtype', DTYPES),
+    ('dtype', DTYPES),
+    ('remat', REMAT),
+    ('attention', ATTENTION),
+  ]:
     if m[key] not in allowed:
       errors.append(f'model.{key}: {m[key]!r} is not one of {allowed}')
   if c.data.source not in SOURCES:
@@ -149,7 +166,13 @@ def _check_values(c, num_devices, errors):
       'integer head_dim (rotary embeddings rotate pairs)'
     )
   if t.seq_len > m.max_seq_len:
-    errors.append(f'train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}')
+    errors.append(
+      f'train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}'
+    )
+  if t.loss_chunk_len < 0 or (t.loss_chunk_len and t.seq_len % t.loss_chunk_len):
+    errors.append(
+      f'train.loss_chunk_len={t.loss_chunk_len} must be 0 or divide train.seq_len={t.seq_len}'
+    )
   if t.global_batch_size % t.microbatches:
     errors.append(
       f'train.global_batch_size={t.global_batch_size} is not divisible by '

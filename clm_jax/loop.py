@@ -7,7 +7,6 @@ waits on the device except to keep one step in flight.
 import json
 import pathlib
 import shutil
-import time
 
 import jax
 import numpy as np
@@ -32,12 +31,19 @@ def _datasets(c, tok):
   """(train iterator, held-out dataset) of this process's share of the rows."""
   procs, index = jax.process_count(), jax.process_index()
   local_batch = c.train.global_batch_size // procs
-  kwargs = dict(seq_len=c.train.seq_len, batch_size=local_batch, seed=c.train.seed,
-                shard_index=index, shard_count=procs)
+  kwargs = dict(
+    seq_len=c.train.seq_len,
+    batch_size=local_batch,
+    seed=c.train.seed,
+    shard_index=index,
+    shard_count=procs,
+  )
   train_ds = pipeline.make_dataset(c.data, tok, split='train', **kwargs)
   heldout_ds = None
   if c.train.eval_batches and c.data.heldout_fraction:
-    heldout_ds = pipeline.make_dataset(c.data, tok, split='heldout', repeat=True, **kwargs)
+    heldout_ds = pipeline.make_dataset(
+      c.data, tok, split='heldout', repeat=True, **kwargs
+    )
   return iter(train_ds), heldout_ds
 
 
@@ -45,9 +51,12 @@ def evaluate(s: train.Setup, params, heldout_ds, num_batches: int) -> float:
   """Mean held-out loss per target token over the first `num_batches` batches."""
   total, count = 0.0, 0.0
   it = iter(heldout_ds)
-  for _ in range(num_batches):
-    loss_sum, n = s.eval_step(params, sharding.host_to_global(next(it), s.mesh))
-    total, count = total + float(loss_sum), count + float(n)
+  try:
+    for _ in range(num_batches):
+      loss_sum, n = s.eval_step(params, sharding.host_to_global(next(it), s.mesh))
+      total, count = total + float(loss_sum), count + float(n)
+  finally:
+    it.close()
   return total / max(count, 1.0)
 
 
@@ -72,8 +81,11 @@ def run(c, workdir: str | pathlib.Path) -> dict:
   peak = flops.peak_tflops(jax.devices()[0], c.train.peak_tflops)
   logging.info(
     'model: %s parameters, %.3g training FLOPs/token; mesh %s over %d devices (%s)',
-    f'{model_lib.param_count(abstract_params):,}', flops_per_token, dict(mesh.shape),
-    jax.device_count(), jax.devices()[0].device_kind,
+    f'{model_lib.param_count(abstract_params):,}',
+    flops_per_token,
+    dict(mesh.shape),
+    jax.device_count(),
+    jax.devices()[0].device_kind,
   )
 
   ckpt = checkpoint.Checkpointer(workdir, c.checkpoint)
@@ -86,39 +98,31 @@ def run(c, workdir: str | pathlib.Path) -> dict:
       state, start = s.init_state(jax.random.key(c.train.seed)), 0
     else:
       logging.info('resuming from %s/%d', ckpt.directory, start)
-      state = ckpt.restore(start, jax.eval_shape(s.init_state, jax.random.key(0)), train_it)
+      state = ckpt.restore(
+        start, jax.eval_shape(s.init_state, jax.random.key(0)), train_it
+      )
 
+    meter = metrics_lib.Meter(
+      tokens_per_step=tokens_per_step,
+      flops_per_step_per_device=flops_per_token * tokens_per_step / jax.device_count(),
+      peak_tflops=peak,
+    )
     pending = None  # (step, metrics) dispatched but not yet read
-    window_start, window_steps = None, 0
 
     def finish(step, metrics):
-      nonlocal window_start, window_steps, last
+      nonlocal last
       m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      now = time.time()
-      if window_start is None:  # The first step includes compilation.
-        window_start = now
-      else:
-        window_steps += 1
       if m['nonfinite_in_a_row'] >= c.train.max_nonfinite > 0:
         raise NonFiniteError(
-          f'step {step}: {int(m["nonfinite_in_a_row"])} steps in a row had a non-finite loss '
-          f'or gradient (loss={m["loss"]}); their updates were skipped and the last '
-          f'checkpoint is intact. Lower optim.peak_lr or raise train.max_nonfinite.'
+          f'step {step}: {int(m["nonfinite_in_a_row"])} steps in a row had a non-finite '
+          f'loss or gradient (loss={m["loss"]}); their updates were skipped and the last '
+          'checkpoint is intact. Lower optim.peak_lr or raise train.max_nonfinite.'
         )
-      if step % c.train.log_every and step != c.train.steps:
-        return
-      out = {k: m[k] for k in ('loss', 'lr', 'grad_norm', 'target_tokens', 'nonfinite_total')}
-      if window_steps:
-        step_time = (now - window_start) / window_steps
-        achieved = flops_per_token * tokens_per_step / step_time / jax.device_count() / 1e12
-        out.update(step_time=step_time, tokens_per_sec=tokens_per_step / step_time,
-                   tflops_per_device=achieved)
-        if peak:
-          out['mfu'] = achieved / peak
-        window_start, window_steps = now, 0
-      writer.write(step, out)
-      writer.progress(step, out)
-      last = out
+      meter.add(m)
+      if step == start + 1 or step % c.train.log_every == 0 or step == c.train.steps:
+        last = meter.summary()
+        writer.write(step, last)
+        writer.progress(step, last)
 
     for step in range(start + 1, c.train.steps + 1):
       batch = sharding.host_to_global(next(train_it), mesh)
@@ -131,10 +135,16 @@ def run(c, workdir: str | pathlib.Path) -> dict:
         finish(*pending)
         pending = None
         eval_loss = evaluate(s, state.params, heldout_ds, c.train.eval_batches)
-        last = {**last, 'eval_loss': eval_loss, 'eval_perplexity': float(np.exp(eval_loss))}
-        writer.write(step, {'eval_loss': eval_loss, 'eval_perplexity': last['eval_perplexity']})
+        last = {
+          **last,
+          'eval_loss': eval_loss,
+          'eval_perplexity': float(np.exp(eval_loss)),
+        }
+        writer.write(
+          step, {'eval_loss': eval_loss, 'eval_perplexity': last['eval_perplexity']}
+        )
         writer.progress(step, {'eval_loss': eval_loss})
-        window_start, window_steps = None, 0  # Do not count eval time as step time.
+        meter.restart()  # Evaluation time is not step time.
       if step % c.checkpoint.every == 0 or step == c.train.steps:
         ckpt.save(step, state, train_it)
     if pending:

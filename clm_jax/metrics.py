@@ -5,6 +5,7 @@ the only module that touches tensorboardX.
 """
 
 import json
+import math
 import pathlib
 import sys
 import time
@@ -25,6 +26,64 @@ TAGS = {
   'tflops_per_device': 'perf/tflops_per_device',
   'mfu': 'perf/mfu',
 }
+
+
+class Meter:
+  """Aggregates per-step metrics between two log lines.
+
+  `loss` is the mean over the finite steps of the window (as Megatron-LM
+  reports it); timing starts at the end of the window's first step after a
+  restart, so compilation and evaluation are never counted as step time.
+  """
+
+  def __init__(
+    self,
+    *,
+    tokens_per_step: int,
+    flops_per_step_per_device: float,
+    peak_tflops: float | None,
+  ):
+    self.tokens_per_step = tokens_per_step
+    self.flops_per_step_per_device = flops_per_step_per_device
+    self.peak_tflops = peak_tflops
+    self._last: dict = {}
+    self._losses: list[float] = []
+    self.restart()
+
+  def restart(self) -> None:
+    self._t0, self._steps = None, 0
+
+  def add(self, m: dict[str, float]) -> None:
+    now = time.perf_counter()
+    if self._t0 is None:
+      self._t0 = now
+    else:
+      self._steps += 1
+    if math.isfinite(m['loss']):
+      self._losses.append(m['loss'])
+    self._last = m
+
+  def summary(self) -> dict[str, float]:
+    """The window's metrics; starts a new window."""
+    keys = ('lr', 'grad_norm', 'target_tokens', 'nonfinite_total')
+    out = {k: self._last[k] for k in keys}
+    out['loss'] = (
+      sum(self._losses) / len(self._losses) if self._losses else self._last['loss']
+    )
+    if self._steps:
+      now = time.perf_counter()
+      step_time = (now - self._t0) / self._steps
+      tflops = self.flops_per_step_per_device / step_time / 1e12
+      out.update(
+        step_time=step_time,
+        tokens_per_sec=self.tokens_per_step / step_time,
+        tflops_per_device=tflops,
+      )
+      if self.peak_tflops:
+        out['mfu'] = tflops / self.peak_tflops
+      self._t0, self._steps = now, 0
+    self._losses = []
+    return out
 
 
 def _duration(seconds: float) -> str:
@@ -62,7 +121,9 @@ class Writer:
     if self._start_step is None:
       self._start_step, self._start = step, time.time()
     done = step - self._start_step
-    eta = (time.time() - self._start) / done * (self.total_steps - step) if done else 0.0
+    eta = (
+      (time.time() - self._start) / done * (self.total_steps - step) if done else 0.0
+    )
     parts = [f'step {step}/{self.total_steps}']
     if 'loss' in scalars:
       parts.append(f'loss {scalars["loss"]:.4f}')

@@ -33,7 +33,9 @@ class Decoder(nnx.Module):
 
   def __init__(self, cfg: config_lib.ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.embed = layers.param(rngs, cfg, (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'))
+    self.embed = layers.param(
+      rngs, cfg, (cfg.vocab_size, cfg.d_model), ('vocab', 'embed')
+    )
 
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
@@ -42,10 +44,16 @@ class Decoder(nnx.Module):
 
     self.blocks = make_blocks(rngs)
     self.final_norm = layers.RMSNorm(cfg, rngs)
-    self.lm_head = layers.param(rngs, cfg, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'))
+    self.lm_head = layers.param(
+      rngs, cfg, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab')
+    )
 
   def __call__(self, tokens_BT, segment_ids_BT, positions_BT) -> jax.Array:
     """Returns float32 logits [B, T, V]."""
+    return self.logits(self.hidden(tokens_BT, segment_ids_BT, positions_BT))
+
+  def hidden(self, tokens_BT, segment_ids_BT, positions_BT) -> jax.Array:
+    """The final-normed hidden states [B, T, D] that the LM head reads."""
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype)
@@ -60,15 +68,12 @@ class Decoder(nnx.Module):
     if cfg.remat != 'none':
       body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
     x_BTD, _ = jax.lax.scan(body, x_BTD, stacked)
+    return self.final_norm(x_BTD)
 
-    x_BTD = self.final_norm(x_BTD)
-    logits_BTV = jnp.einsum(
-      'BTD,DV->BTV',
-      x_BTD,
-      self.lm_head[...].astype(dtype),
-      preferred_element_type=jnp.float32,
-    )
-    return sharding.constrain(logits_BTV, ('batch', 'seq', 'vocab'))
+  def logits(self, x_XD: jax.Array) -> jax.Array:
+    """The LM head on hidden states of any leading shape X; float32 out."""
+    w_DV = self.lm_head[...].astype(x_XD.dtype)
+    return jnp.einsum('...D,DV->...V', x_XD, w_DV, preferred_element_type=jnp.float32)
 
 
 def abstract(cfg: config_lib.ModelConfig):
@@ -80,7 +85,9 @@ def abstract(cfg: config_lib.ModelConfig):
   """
   graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0))))
   axes = nnx.to_pure_dict(nnx.get_partition_spec(state))
-  axes = jax.tree.map(tuple, axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  axes = jax.tree.map(
+    tuple, axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+  )
   return graphdef, nnx.to_pure_dict(state), axes
 
 

@@ -5,7 +5,8 @@ Shardings are derived from the table and the arrays' shapes, never written
 out per parameter.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -109,5 +110,6 @@ def host_to_global(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> 
   """Global arrays from this process's rows of a batch (one host or many)."""
   sharding = batch_sharding(mesh)
   return {
-    k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+    for k, v in batch.items()
   }

@@ -21,7 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
   m.mlp_dim = 11008  # Hidden width of the SwiGLU MLP (F).
   m.rope_theta = 10000.0  # Rotary base; CodeLlama uses 1e6.
   m.norm_eps = 1e-5  # RMSNorm epsilon.
-  m.max_seq_len = 4096  # Longest sequence the model is meant for (HF max_position_embeddings).
+  m.max_seq_len = (
+    4096  # Longest sequence the model is meant for (HF max_position_embeddings).
+  )
   m.init_std = 0.02  # Std of the normal initialiser of every matrix.
   m.param_dtype = 'float32'  # Dtype of the master weights (and optimizer state).
   m.dtype = 'bfloat16'  # Compute dtype of matmuls; logits and softmax stay float32.
@@ -40,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.seq_len = 2048  # Tokens per packed row (T).
   t.global_batch_size = 64  # Rows per optimizer step, over all devices.
   t.microbatches = 1  # Gradient-accumulation splits of the global batch.
+  t.loss_chunk_len = 512  # Positions per chunk of LM head + softmax (logits never whole); 0 = seq_len.
   t.log_every = 10  # Steps between metric lines.
   t.eval_every = 0  # Steps between held-out evaluations; 0 = only at the end.
   t.eval_batches = 4  # Held-out batches per evaluation; 0 disables evaluation.

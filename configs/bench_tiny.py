@@ -15,6 +15,7 @@ def get_config():
   c.model.dtype = 'float32'
   c.model.remat = 'none'
   c.train.seq_len = 1024
+  c.train.loss_chunk_len = 128
   c.train.global_batch_size = 8
   c.train.steps = 20
   c.train.log_every = 1

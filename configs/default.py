@@ -20,6 +20,7 @@ def get_config():
   c.model.remat = 'none'
   c.train.steps = 300
   c.train.seq_len = 256
+  c.train.loss_chunk_len = 128
   c.train.global_batch_size = 16
   c.train.log_every = 25
   c.train.eval_batches = 8

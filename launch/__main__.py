@@ -9,17 +9,22 @@ Examples:
       --workdir=runs/bench
 """
 
+import logging as std_logging
 import pathlib
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _CONFIGS = pathlib.Path(__file__).resolve().parent.parent / 'configs'
 COMMANDS = ('train',)
 
 config_flags.DEFINE_config_file(
-  'config', str(_CONFIGS / 'default.py'), 'Config file (a get_config() module).', lock_config=True
+  'config',
+  str(_CONFIGS / 'default.py'),
+  'Config file (a get_config() module).',
+  lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string(
   'workdir', None, 'Run directory; default runs/<config file name>.'
@@ -32,9 +37,19 @@ def _workdir() -> pathlib.Path:
   return pathlib.Path('runs') / pathlib.Path(flags.FLAGS['config'].config_filename).stem
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Keeps Orbax's per-save INFO chatter out of the training log."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
-    raise app.UsageError(f'usage: python -m launch {{{"|".join(COMMANDS)}}} [flags]; got {argv[1:]}')
+    raise app.UsageError(
+      f'usage: python -m launch {{{"|".join(COMMANDS)}}} [flags]; got {argv[1:]}'
+    )
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   # Imported here so that `--help` and usage errors need no JAX start-up.
   from clm_jax import loop
 

@@ -13,12 +13,22 @@ from configs import codellama_34b
 
 # Jitted once per graph: eager op-by-op dispatch of a scanned model is slow.
 apply = jax.jit(model_lib.apply, static_argnums=0)
-token_losses = jax.jit(train.token_losses, static_argnums=0)
+token_losses = jax.jit(train.token_losses, static_argnums=(0, 3))
 
 
 def _cfg(**overrides):
-  kw = dict(vocab_size=97, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48,
-            max_seq_len=64, dtype='float32', remat='none', rope_theta=500.0)
+  kw = dict(
+    vocab_size=97,
+    d_model=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    mlp_dim=48,
+    max_seq_len=64,
+    dtype='float32',
+    remat='none',
+    rope_theta=500.0,
+  )
   return config_lib.ModelConfig(**{**kw, **overrides})
 
 
@@ -39,10 +49,12 @@ def _reference_logits(cfg, params, tokens):
   H, G = cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
   pos = np.arange(T)
   inv = 1.0 / cfg.rope_theta ** (np.arange(0, H, 2) / H)
-  ang = np.concatenate([pos[:, None] * inv] * 2, axis=-1)  # [T, H], HF's cat((freqs, freqs))
+  ang = np.concatenate(
+    [pos[:, None] * inv] * 2, axis=-1
+  )  # [T, H], HF's cat((freqs, freqs))
 
   def rope(x):  # HF apply_rotary_pos_emb with rotate_half.
-    rot = np.concatenate([-x[..., H // 2:], x[..., :H // 2]], axis=-1)
+    rot = np.concatenate([-x[..., H // 2 :], x[..., : H // 2]], axis=-1)
     return x * np.cos(ang)[None, :, None] + rot * np.sin(ang)[None, :, None]
 
   def norm(x, scale):
@@ -71,7 +83,9 @@ def _reference_logits(cfg, params, tokens):
 def test_logits_match_reference_llama(kv_heads):
   cfg = _cfg(num_kv_heads=kv_heads)
   graphdef, params = _init(cfg)
-  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16)).astype(np.int32)
+  tokens = (
+    np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16)).astype(np.int32)
+  )
   logits = apply(graphdef, params, tokens, *_single_doc(tokens))
   ref = _reference_logits(cfg, params, tokens)
   assert logits.dtype == jnp.float32
@@ -84,9 +98,16 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
   graphdef_gqa, params = _init(gqa)
   graphdef_mha, _ = _init(mha)
   mha_params = jax.tree.map(lambda x: x, params)
-  for name in ('wk', 'wv'):  # [L, D, K, H] -> [L, D, N, H], each kv head shared by G = 2.
-    mha_params['blocks']['attn'][name] = jnp.repeat(params['blocks']['attn'][name], 2, axis=2)
-  tokens = np.random.default_rng(1).integers(0, gqa.vocab_size, (2, 12)).astype(np.int32)
+  for name in (
+    'wk',
+    'wv',
+  ):  # [L, D, K, H] -> [L, D, N, H], each kv head shared by G = 2.
+    mha_params['blocks']['attn'][name] = jnp.repeat(
+      params['blocks']['attn'][name], 2, axis=2
+    )
+  tokens = (
+    np.random.default_rng(1).integers(0, gqa.vocab_size, (2, 12)).astype(np.int32)
+  )
   a = apply(graphdef_gqa, params, tokens, *_single_doc(tokens))
   b = apply(graphdef_mha, mha_params, tokens, *_single_doc(tokens))
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -110,7 +131,9 @@ def test_causal_and_document_masking_through_gradients():
   cfg = _cfg()
   graphdef, params = _init(cfg)
   T = 12
-  tokens = np.arange(1, T + 1, dtype=np.int32)[None]  # Distinct ids: embed row i <-> position.
+  tokens = np.arange(1, T + 1, dtype=np.int32)[
+    None
+  ]  # Distinct ids: embed row i <-> position.
   segments = np.array([[1] * 5 + [2] * 7], np.int32)
   positions = np.array([list(range(5)) + list(range(7))], np.int32)
 
@@ -135,20 +158,27 @@ def test_packed_row_equals_documents_run_alone():
   tokens, segments, positions = (np.zeros((1, T), np.int32) for _ in range(3))
   offset = 0
   for i, d in enumerate(docs):
-    tokens[0, offset:offset + len(d)] = d
-    segments[0, offset:offset + len(d)] = i + 1
-    positions[0, offset:offset + len(d)] = np.arange(len(d))
+    tokens[0, offset : offset + len(d)] = d
+    segments[0, offset : offset + len(d)] = i + 1
+    positions[0, offset : offset + len(d)] = np.arange(len(d))
     offset += len(d)
   packed = {'tokens': tokens, 'segment_ids': segments, 'positions': positions}
-  losses, weights = token_losses(graphdef, params, packed)
+  losses, weights = token_losses(graphdef, params, packed, 0)
+  # The chunked LM head + loss (3 chunks of 8 positions) gives the same losses.
+  chunked, _ = token_losses(graphdef, params, packed, 8)
+  np.testing.assert_allclose(chunked, losses, rtol=1e-6, atol=1e-6)
   offset = 0
   for d in docs:
-    alone = {'tokens': d[None], 'segment_ids': np.ones((1, len(d)), np.int32),
-             'positions': np.arange(len(d), dtype=np.int32)[None]}
-    ref_losses, ref_weights = token_losses(graphdef, params, alone)
-    np.testing.assert_allclose(losses[0, offset:offset + len(d)], ref_losses[0], rtol=1e-5,
-                               atol=1e-6)
-    np.testing.assert_array_equal(weights[0, offset:offset + len(d)], ref_weights[0])
+    alone = {
+      'tokens': d[None],
+      'segment_ids': np.ones((1, len(d)), np.int32),
+      'positions': np.arange(len(d), dtype=np.int32)[None],
+    }
+    ref_losses, ref_weights = token_losses(graphdef, params, alone, 0)
+    np.testing.assert_allclose(
+      losses[0, offset : offset + len(d)], ref_losses[0], rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_array_equal(weights[0, offset : offset + len(d)], ref_weights[0])
     offset += len(d)
   # Only targets inside a document count: n - 1 per document, none in padding.
   assert float(weights.sum()) == sum(len(d) - 1 for d in docs)
@@ -162,8 +192,12 @@ def test_remat_gives_the_same_gradients(remat):
   grads = []
   for r in ('none', remat):
     graphdef, params = _init(_cfg(remat=r))
-    grads.append(jax.grad(lambda p, g=graphdef: token_losses(g, p, batch)[0].sum())(params))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *grads)
+    grads.append(
+      jax.grad(lambda p, g=graphdef: token_losses(g, p, batch)[0].sum())(params)
+    )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *grads
+  )
 
 
 def test_bf16_compute_keeps_fp32_params_and_logits():

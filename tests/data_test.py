@@ -1,0 +1,289 @@
+"""Tests of clm_jax.data: corpus files, the split, and packed Grain batches."""
+
+import collections
+import json
+import pathlib
+import random
+import sysconfig
+
+import numpy as np
+import pytest
+
+from clm_jax import tokenizer
+from clm_jax.data import pipeline
+from clm_jax.data import sources
+from configs import base
+
+SEQ_LEN = 64
+
+
+def _data_config(**overrides):
+  c_data = base.get_config().data
+  for key, value in overrides.items():
+    c_data[key] = value
+  return c_data
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+  """A small corpus of 40 documents of 1 to ~150 tokens, plus files to skip."""
+  root = tmp_path_factory.mktemp('corpus')
+  rng = random.Random(0)
+  words = [
+    'def',
+    'return',
+    'self',
+    'x',
+    '    ',
+    '\t',
+    '\n',
+    '(',
+    ')',
+    ':',
+    '1',
+    'ü',
+    '😀',
+  ]
+  docs = {}
+  for i in range(40):
+    rel = f'pkg{i % 3}/mod_{i:02d}.py'
+    docs[rel] = f'# {i}\n' + ''.join(rng.choices(words, k=rng.randrange(0, 120)))
+    (root / rel).parent.mkdir(exist_ok=True)
+    (root / rel).write_text(docs[rel], encoding='utf-8', newline='')
+  skipped = {
+    'site-packages/third_party.py': b'import os\n',
+    'pkg0/dist-packages/vendored.py': b'import os\n',
+    'pkg0/latin1.py': 'caf\xe9 = 1\n'.encode('latin-1'),
+    'pkg1/huge.py': b'x = 1\n' * 200_000,
+    'pkg1/__init__.py': b'\n  \n',
+    'pkg2/notes.txt': b'not python\n',
+  }
+  for rel, data in skipped.items():
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_bytes(data)
+  return root, docs
+
+
+@pytest.fixture(scope='module')
+def tok(tmp_path_factory):
+  files = sources.list_files(_data_config())[::20]
+  texts = [sources.read_text(path) for path in files]
+  return tokenizer.train(texts, tmp_path_factory.mktemp('tok') / 't.model', 512)
+
+
+def _take(ds, n):
+  it = iter(ds)
+  try:
+    return [next(it) for _ in range(n)]
+  finally:
+    it.close()
+
+
+def _documents(batches):
+  """Splits the non-padding token stream of batches at BOS into documents."""
+  stream = np.concatenate([b['tokens'][b['segment_ids'] > 0] for b in batches])
+  starts = np.flatnonzero(stream == 1)
+  assert starts[0] == 0
+  return [tuple(doc) for doc in np.split(stream, starts[1:])]
+
+
+def _expected(tok, texts):
+  return [(tok.bos_id, *tok.encode(text), tok.eos_id) for text in texts]
+
+
+def test_list_files_keeps_only_usable_python_files(corpus):
+  root, docs = corpus
+  files = sources.list_files(_data_config(path=str(root)))
+  assert [p.relative_to(root).as_posix() for p in files] == sorted(docs)
+  assert all(p.is_absolute() for p in files)
+
+
+def test_list_files_defaults_to_this_interpreters_stdlib():
+  files = sources.list_files(_data_config())
+  root = pathlib.Path(sysconfig.get_paths()['stdlib']).resolve()
+  rel = {p.relative_to(root).as_posix() for p in files}
+  assert {'os.py', 'json/__init__.py', 'asyncio/tasks.py'} <= rel
+  assert len(files) > 500
+  assert not any('site-packages' in p.parts for p in files)
+  assert [p.relative_to(root).as_posix() for p in files] == sorted(rel)
+
+
+def test_list_files_errors_name_the_key(tmp_path):
+  with pytest.raises(ValueError, match=r"data\.source='github'"):
+    sources.list_files(_data_config(source='github'))
+  with pytest.raises(FileNotFoundError, match=r'data\.path'):
+    sources.list_files(_data_config(path=str(tmp_path / 'missing')))
+  with pytest.raises(ValueError, match=r'data\.path.*no usable'):
+    sources.list_files(_data_config(path=str(tmp_path)))
+
+
+def test_split_is_deterministic_disjoint_and_order_free():
+  c_data = _data_config()
+  root = sources.corpus_root(c_data)
+  files = sources.list_files(c_data)
+  train, heldout = sources.split_files(files, root, 0.1)
+  assert not set(train) & set(heldout)
+  assert set(train) | set(heldout) == set(files)
+  assert len(heldout) / len(files) == pytest.approx(0.1, abs=0.03)
+  shuffled = list(files)
+  random.Random(1).shuffle(shuffled)
+  train2, heldout2 = sources.split_files(shuffled, root, 0.1)
+  assert (set(train2), set(heldout2)) == (set(train), set(heldout))
+  # Only the path relative to the root counts: another machine agrees.
+  moved = [pathlib.Path('/elsewhere') / p.relative_to(root) for p in files]
+  _, heldout3 = sources.split_files(moved, pathlib.Path('/elsewhere'), 0.1)
+  assert {p.relative_to('/elsewhere') for p in heldout3} == {
+    p.relative_to(root) for p in heldout
+  }
+
+
+def test_split_edge_fractions(corpus):
+  root, _ = corpus
+  files = sources.list_files(_data_config(path=str(root)))
+  train, heldout = sources.split_files(files, root, 0.0)
+  assert (train, heldout) == (files, [])
+  train, heldout = sources.split_files(files, root, 1e-9)
+  assert len(heldout) == 1 and len(train) == len(files) - 1
+  for bad in (1.0, -0.1):
+    with pytest.raises(ValueError, match=r'data\.heldout_fraction'):
+      sources.split_files(files, root, bad)
+
+
+def test_packed_rows_hold_whole_documents_in_order(corpus, tok):
+  root, docs = corpus
+  c_data = _data_config(path=str(root), heldout_fraction=0.0)
+  # batch_size=1 drops no row, so every document must come out exactly once.
+  ds = pipeline.make_dataset(
+    c_data, tok, seq_len=SEQ_LEN, batch_size=1, split='train', seed=3, repeat=False
+  )
+  batches = list(ds)
+  assert sorted(_documents(batches)) == sorted(_expected(tok, docs.values()))
+  assert len(batches) == -(-sum(len(d) for d in _documents(batches)) // SEQ_LEN)
+  for batch in batches:
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
+      k: ((1, SEQ_LEN), np.int32) for k in ('tokens', 'segment_ids', 'positions')
+    }
+    tokens, segs, pos = (batch[k][0] for k in ('tokens', 'segment_ids', 'positions'))
+    used = segs > 0
+    # Padding only at the end of a row, filled with the pad id.
+    assert used[: used.sum()].all()
+    assert (tokens[~used] == tok.pad_id).all()
+    ids = segs[used]
+    assert ids[0] == 1 and set(np.diff(ids)) <= {0, 1}
+    for s in np.unique(ids):
+      in_seg = segs == s
+      np.testing.assert_array_equal(pos[in_seg], np.arange(in_seg.sum()))
+      # A segment that is not first in its row starts a document; one that is
+      # not last ends one: rows break documents only at their edges.
+      if s > 1:
+        assert tokens[in_seg][0] == tok.bos_id
+      if s < ids[-1]:
+        assert tokens[in_seg][-1] == tok.eos_id
+
+
+def test_heldout_keeps_file_order(corpus, tok):
+  root, docs = corpus
+  c_data = _data_config(path=str(root), heldout_fraction=0.3)
+  files = sources.list_files(c_data)
+  _, heldout = sources.split_files(files, root, 0.3)
+  texts = [docs[p.relative_to(root).as_posix()] for p in heldout]
+  ds = pipeline.make_dataset(
+    c_data, tok, seq_len=SEQ_LEN, batch_size=1, split='heldout', seed=0, repeat=False
+  )
+  assert _documents(list(ds)) == _expected(tok, texts)
+
+
+def test_train_reshuffles_every_epoch(corpus, tok):
+  root, docs = corpus
+  c_data = _data_config(path=str(root), heldout_fraction=0.0)
+  ds = pipeline.make_dataset(
+    c_data, tok, seq_len=SEQ_LEN, batch_size=4, split='train', seed=0
+  )
+  found = _documents(_take(ds, 40))
+  n = len(docs)
+  assert len(found) > 2 * n
+  first, second = found[:n], found[n : 2 * n]
+  assert sorted(first) == sorted(second) == sorted(_expected(tok, docs.values()))
+  assert first != second
+
+
+def test_seed_fixes_the_batches(corpus, tok):
+  root, _ = corpus
+  c_data = _data_config(path=str(root))
+
+  def batches(seed):
+    ds = pipeline.make_dataset(
+      c_data, tok, seq_len=SEQ_LEN, batch_size=2, split='train', seed=seed
+    )
+    return np.stack([b['tokens'] for b in _take(ds, 5)])
+
+  np.testing.assert_array_equal(batches(7), batches(7))
+  assert not np.array_equal(batches(7), batches(8))
+
+
+def test_process_shards_are_disjoint(corpus, tok):
+  root, docs = corpus
+  c_data = _data_config(path=str(root), heldout_fraction=0.0)
+  shards = [
+    _documents(
+      list(
+        pipeline.make_dataset(
+          c_data,
+          tok,
+          seq_len=SEQ_LEN,
+          batch_size=1,
+          split='train',
+          seed=0,
+          shard_index=i,
+          shard_count=2,
+          repeat=False,
+        )
+      )
+    )
+    for i in range(2)
+  ]
+  assert len(shards[0]) == len(shards[1]) == len(docs) // 2
+  everything = collections.Counter(_expected(tok, docs.values()))
+  assert collections.Counter(shards[0]) + collections.Counter(shards[1]) == everything
+
+
+def test_restored_state_resumes_the_same_batches(corpus, tok):
+  root, _ = corpus
+  c_data = _data_config(path=str(root))
+
+  def make():
+    return pipeline.make_dataset(
+      c_data, tok, seq_len=SEQ_LEN, batch_size=3, split='train', seed=1
+    )
+
+  it = iter(make())
+  for _ in range(20):  # Past the first epoch boundary and mid-document.
+    next(it)
+  # Checkpoints store the state as JSON; it must survive that.
+  state = json.loads(json.dumps(it.get_state()))
+  expected = [next(it) for _ in range(6)]
+  it.close()
+  resumed = iter(make())
+  resumed.set_state(state)
+  for want in expected:
+    got = next(resumed)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+  resumed.close()
+
+
+def test_make_dataset_rejects_bad_arguments(corpus, tok):
+  root, _ = corpus
+  c_data = _data_config(path=str(root))
+  common = dict(seq_len=SEQ_LEN, batch_size=1, seed=0)
+  with pytest.raises(ValueError, match='split'):
+    pipeline.make_dataset(c_data, tok, split='test', **common)
+  # 2% of 40 files holds out exactly one, so a second shard would be empty.
+  with pytest.raises(ValueError, match='Shard 1 of 2 of the heldout split'):
+    pipeline.make_dataset(
+      c_data, tok, split='heldout', shard_index=1, shard_count=2, **common
+    )
+  with pytest.raises(ValueError, match='shard_index'):
+    pipeline.make_dataset(
+      c_data, tok, split='train', shard_index=2, shard_count=2, **common
+    )

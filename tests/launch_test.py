@@ -1,0 +1,83 @@
+"""`python -m launch train` end to end: the workdir contract, a falling loss, resume."""
+
+import json
+import os
+import pathlib
+import struct
+import subprocess
+import sys
+
+from tensorboardX.proto import event_pb2
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TINY = [
+  '--config=configs/default.py',
+  '--config.model.vocab_size=512',
+  '--config.model.d_model=64',
+  '--config.model.num_layers=2',
+  '--config.model.mlp_dim=128',
+  '--config.train.seq_len=64',
+  '--config.train.loss_chunk_len=32',
+  '--config.train.global_batch_size=8',
+  '--config.train.log_every=5',
+  '--config.train.eval_batches=2',
+  '--config.optim.warmup_steps=5',
+  '--config.optim.peak_lr=0.01',
+  '--config.checkpoint.every=10',
+  '--config.data.tokenizer_sample_mb=1',
+]
+
+
+def _train(workdir, cache, *flags):
+  env = {**os.environ, 'CLM_JAX_CACHE': str(cache), 'JAX_PLATFORMS': 'cpu'}
+  env.pop('XLA_FLAGS', None)  # One device, as a user's plain run.
+  out = subprocess.run(
+    [sys.executable, '-m', 'launch', 'train', *TINY, f'--workdir={workdir}', *flags],
+    capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
+  )
+  assert out.returncode == 0, out.stderr[-4000:]
+  return out
+
+
+def _tb_tags(tb_dir):
+  tags = set()
+  for path in pathlib.Path(tb_dir).glob('events.out.tfevents.*'):
+    data = path.read_bytes()
+    i = 0
+    while i < len(data):  # TFRecord: u64 length, u32 crc, payload, u32 crc.
+      (n,) = struct.unpack('<Q', data[i : i + 8])
+      event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+      tags.update(v.tag for v in event.summary.value)
+      i += 12 + n + 4
+  return tags
+
+
+def test_train_writes_the_workdir_contract_and_resumes(tmp_path):
+  workdir = tmp_path / 'run'
+  out = _train(workdir, tmp_path / 'cache', '--config.train.steps=40')
+  assert 'step 40/40' in out.stdout
+
+  config = json.loads((workdir / 'config.json').read_text())
+  assert config['model']['d_model'] == 64 and config['train']['steps'] == 40
+  lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  train_lines = [m for m in lines if 'loss' in m]
+  assert [m['step'] for m in train_lines] == [1, 5, 10, 15, 20, 25, 30, 35, 40]
+  for m in train_lines[1:]:
+    assert {'loss', 'lr', 'grad_norm', 'tokens_per_sec', 'step_time'} <= m.keys()
+  # The loss falls: the last logged loss is well under the first.
+  assert train_lines[-1]['loss'] < 0.8 * train_lines[0]['loss']
+  evals = [m for m in lines if 'eval_loss' in m]
+  assert evals and evals[-1]['step'] == 40 and evals[-1]['eval_loss'] < train_lines[0]['loss']
+  assert {'train/loss', 'train/lr', 'train/grad_norm', 'perf/tokens_per_sec', 'perf/step_time',
+          'eval/loss'} <= _tb_tags(workdir / 'tb')
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == [
+    '10', '20', '30', '40'][-3:]  # checkpoint.keep = 3
+  assert (workdir / 'tokenizer.model').exists()
+
+  # Running again with more steps resumes from step 40 and appends.
+  out = _train(workdir, tmp_path / 'cache', '--config.train.steps=50')
+  assert 'resuming from' in out.stderr
+  lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  steps = [m['step'] for m in lines if 'loss' in m]
+  assert steps == [1, 5, 10, 15, 20, 25, 30, 35, 40, 41, 45, 50]
+  assert (workdir / 'checkpoints' / '50').exists()
