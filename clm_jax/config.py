@@ -130,6 +130,7 @@ def _check_values(c, num_devices, errors):
     ('optim', 'decay_steps'),
     ('optim', 'weight_decay'),
     ('optim', 'clip_norm'),
+    ('data', 'streams'),
     ('train', 'max_nonfinite'),
   ]:
     if c[section][key] < 0:

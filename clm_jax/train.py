@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from clm_jax import config as config_lib
+from clm_jax import loss as loss_lib
 from clm_jax import model as model_lib
 from clm_jax import optimizer as optimizer_lib
 from clm_jax import sharding
@@ -28,52 +29,39 @@ class TrainState:
   opt_state: optax.OptState
 
 
-def token_losses(graphdef, params, batch, loss_chunk_len: int = 0):
-  """Per-token cross-entropy [B, T] (float32) and the 0/1 weights of real targets.
-
-  The LM head and the softmax run over chunks of `loss_chunk_len` positions
-  (0: the whole row) in a scan whose backward recomputes each chunk's
-  logits: the [B, T, V] float32 logits, the largest activation of the model,
-  never exist whole. On a 2-core CPU this alone makes bench_tiny's LM head
-  and loss 1.7x faster, since the logits no longer stream through memory.
-  """
+def _targets(batch):
+  """Next-token targets [B, T] and the 0/1 weights of the real ones."""
   tokens_BT, segments_BT = batch['tokens'], batch['segment_ids']
-  model = nnx.merge(graphdef, params)
-  x_BTD = model.hidden(tokens_BT, segments_BT, batch['positions'])
-  B, T, D = x_BTD.shape
+  T = tokens_BT.shape[1]
   targets_BT = jnp.roll(tokens_BT, -1, axis=1)
   # A real target is the next token of the same (non-padding) document.
   same_doc_BT = (jnp.roll(segments_BT, -1, axis=1) == segments_BT) & (segments_BT != 0)
-  last_BT = jnp.arange(T) == T - 1
-  weights_BT = (same_doc_BT & ~last_BT).astype(jnp.float32)
+  weights_BT = same_doc_BT & (jnp.arange(T) < T - 1)
+  return targets_BT, weights_BT.astype(jnp.float32)
 
-  chunk = loss_chunk_len or T
-  num_chunks = T // chunk
 
-  def by_chunk(a_BT_):  # [B, T, ...] -> [num_chunks, B, chunk, ...]
-    return jnp.moveaxis(a_BT_.reshape(B, num_chunks, chunk, *a_BT_.shape[2:]), 1, 0)
+def _hidden_and_head(graphdef, params, batch):
+  model = nnx.merge(graphdef, params)
+  x_BTD = model.hidden(batch['tokens'], batch['segment_ids'], batch['positions'])
+  return x_BTD, model.lm_head[...]
 
-  @jax.checkpoint
-  def chunk_losses(_, xs):
-    x_BcD, targets_Bc = xs
-    # As [B*c, D] rows: XLA:CPU runs the 2-D matmul faster than the 3-D einsum.
-    logits_XV = model.logits(x_BcD.reshape(-1, D))
-    logits_XV = sharding.constrain(logits_XV, ('batch', 'vocab'))
-    losses_X = optax.softmax_cross_entropy_with_integer_labels(
-      logits_XV, targets_Bc.reshape(-1)
-    )
-    return None, losses_X.reshape(targets_Bc.shape)
 
-  _, losses_CBc = jax.lax.scan(
-    chunk_losses, None, (by_chunk(x_BTD), by_chunk(targets_BT))
+def token_losses(graphdef, params, batch, loss_chunk_len: int = 0):
+  """Per-token cross-entropy [B, T] (float32) and the 0/1 weights of real targets."""
+  x_BTD, w_DV = _hidden_and_head(graphdef, params, batch)
+  targets_BT, weights_BT = _targets(batch)
+  losses_BT = loss_lib.token_losses(
+    x_BTD, w_DV, targets_BT, loss_chunk_len or x_BTD.shape[1]
   )
-  losses_BT = jnp.moveaxis(losses_CBc, 0, 1).reshape(B, T)
   return losses_BT * weights_BT, weights_BT
 
 
 def _loss_sum(params, graphdef, batch, loss_chunk_len):
-  losses, weights = token_losses(graphdef, params, batch, loss_chunk_len)
-  return losses.sum(), weights.sum()
+  """(sum of the real targets' losses, their number), by the fused loss."""
+  x_BTD, w_DV = _hidden_and_head(graphdef, params, batch)
+  targets_BT, weights_BT = _targets(batch)
+  chunk = loss_chunk_len or x_BTD.shape[1]
+  return loss_lib.loss_sum(x_BTD, w_DV, targets_BT, weights_BT, chunk), weights_BT.sum()
 
 
 def _split_microbatches(batch, microbatches: int):

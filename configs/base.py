@@ -68,6 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.source = 'stdlib'  # Corpus: 'stdlib' = this interpreter's standard-library sources.
   d.path = ''  # Root directory of the corpus; '' = the source's default.
   d.heldout_fraction = 0.02  # Fraction of files held out for evaluation.
+  d.streams = 16  # Packed streams of disjoint files interleaved row by row: a batch mixes files.
   d.tokenizer = ''  # sentencepiece .model path; '' = train one on the corpus, cached.
   d.tokenizer_sample_mb = 8  # Megabytes of corpus text the tokenizer is trained on.
 

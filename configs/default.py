@@ -18,7 +18,7 @@ def get_config():
   c.model.max_seq_len = 1024
   c.model.dtype = 'float32'  # CPUs have no fast bf16 matmul.
   c.model.remat = 'none'
-  c.train.steps = 300
+  c.train.steps = 400
   c.train.seq_len = 256
   c.train.loss_chunk_len = 128
   c.train.global_batch_size = 16

@@ -151,7 +151,8 @@ def test_split_edge_fractions(corpus):
 
 def test_packed_rows_hold_whole_documents_in_order(corpus, tok):
   root, docs = corpus
-  c_data = _data_config(path=str(root), heldout_fraction=0.0)
+  # No row shuffle, so documents can be followed across row boundaries.
+  c_data = _data_config(path=str(root), heldout_fraction=0.0, streams=1)
   # batch_size=1 drops no row, so every document must come out exactly once.
   ds = pipeline.make_dataset(
     c_data, tok, seq_len=SEQ_LEN, batch_size=1, split='train', seed=3, repeat=False
@@ -181,9 +182,30 @@ def test_packed_rows_hold_whole_documents_in_order(corpus, tok):
         assert tokens[in_seg][-1] == tok.eos_id
 
 
+def test_streams_mix_files_within_a_batch(tmp_path, tok):
+  for i in range(8):  # Long files, each thousands of tokens, each with its own name.
+    (tmp_path / f'mod{i}.py').write_text(
+      ''.join(f'name{i} = {k}\n' for k in range(400))
+    )
+
+  def files_in_first_batch(streams):
+    c_data = _data_config(path=str(tmp_path), heldout_fraction=0.0, streams=streams)
+    it = iter(
+      pipeline.make_dataset(
+        c_data, tok, seq_len=SEQ_LEN, batch_size=8, split='train', seed=3
+      )
+    )
+    text = ''.join(tok.decode(row) for row in next(it)['tokens'])
+    it.close()
+    return sum(f'name{i} ' in text for i in range(8))
+
+  assert files_in_first_batch(8) == 8  # Each row from its own stream of files.
+  assert files_in_first_batch(1) == 1  # One stream: the batch is one file.
+
+
 def test_heldout_keeps_file_order(corpus, tok):
   root, docs = corpus
-  c_data = _data_config(path=str(root), heldout_fraction=0.3)
+  c_data = _data_config(path=str(root), heldout_fraction=0.3, streams=1)
   files = sources.list_files(c_data)
   _, heldout = sources.split_files(files, root, 0.3)
   texts = [docs[p.relative_to(root).as_posix()] for p in heldout]
@@ -195,7 +217,7 @@ def test_heldout_keeps_file_order(corpus, tok):
 
 def test_train_reshuffles_every_epoch(corpus, tok):
   root, docs = corpus
-  c_data = _data_config(path=str(root), heldout_fraction=0.0)
+  c_data = _data_config(path=str(root), heldout_fraction=0.0, streams=1)
   ds = pipeline.make_dataset(
     c_data, tok, seq_len=SEQ_LEN, batch_size=4, split='train', seed=0
   )
@@ -223,7 +245,7 @@ def test_seed_fixes_the_batches(corpus, tok):
 
 def test_process_shards_are_disjoint(corpus, tok):
   root, docs = corpus
-  c_data = _data_config(path=str(root), heldout_fraction=0.0)
+  c_data = _data_config(path=str(root), heldout_fraction=0.0, streams=1)
   shards = [
     _documents(
       list(

@@ -33,7 +33,11 @@ def _train(workdir, cache, *flags):
   env.pop('XLA_FLAGS', None)  # One device, as a user's plain run.
   out = subprocess.run(
     [sys.executable, '-m', 'launch', 'train', *TINY, f'--workdir={workdir}', *flags],
-    capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=env,
+    timeout=600,
   )
   assert out.returncode == 0, out.stderr[-4000:]
   return out
@@ -59,7 +63,9 @@ def test_train_writes_the_workdir_contract_and_resumes(tmp_path):
 
   config = json.loads((workdir / 'config.json').read_text())
   assert config['model']['d_model'] == 64 and config['train']['steps'] == 40
-  lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  lines = [
+    json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()
+  ]
   train_lines = [m for m in lines if 'loss' in m]
   assert [m['step'] for m in train_lines] == [1, 5, 10, 15, 20, 25, 30, 35, 40]
   for m in train_lines[1:]:
@@ -67,17 +73,31 @@ def test_train_writes_the_workdir_contract_and_resumes(tmp_path):
   # The loss falls: the last logged loss is well under the first.
   assert train_lines[-1]['loss'] < 0.8 * train_lines[0]['loss']
   evals = [m for m in lines if 'eval_loss' in m]
-  assert evals and evals[-1]['step'] == 40 and evals[-1]['eval_loss'] < train_lines[0]['loss']
-  assert {'train/loss', 'train/lr', 'train/grad_norm', 'perf/tokens_per_sec', 'perf/step_time',
-          'eval/loss'} <= _tb_tags(workdir / 'tb')
-  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == [
-    '10', '20', '30', '40'][-3:]  # checkpoint.keep = 3
+  assert (
+    evals
+    and evals[-1]['step'] == 40
+    and evals[-1]['eval_loss'] < train_lines[0]['loss']
+  )
+  assert {
+    'train/loss',
+    'train/lr',
+    'train/grad_norm',
+    'perf/tokens_per_sec',
+    'perf/step_time',
+    'eval/loss',
+  } <= _tb_tags(workdir / 'tb')
+  assert (
+    sorted(p.name for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+    == ['10', '20', '30', '40'][-3:]
+  )  # checkpoint.keep = 3
   assert (workdir / 'tokenizer.model').exists()
 
   # Running again with more steps resumes from step 40 and appends.
   out = _train(workdir, tmp_path / 'cache', '--config.train.steps=50')
   assert 'resuming from' in out.stderr
-  lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  lines = [
+    json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()
+  ]
   steps = [m['step'] for m in lines if 'loss' in m]
   assert steps == [1, 5, 10, 15, 20, 25, 30, 35, 40, 41, 45, 50]
   assert (workdir / 'checkpoints' / '50').exists()

@@ -2,7 +2,8 @@
 
   files of a split -> this process's shard -> (train) shuffle, new order each
   epoch -> read + tokenize ([bos] + ids + [eos]) in threads -> concat-then-split
-  packing into rows of seq_len -> batch -> prefetch in a thread
+  packing into rows of seq_len, as `data.streams` such streams over disjoint
+  files whose rows are interleaved -> batch -> prefetch in a thread
 
 Each row of a batch holds whole documents and pieces of documents back to
 back. `segment_ids` number them 1, 2, ... within the row (0 marks padding,
@@ -25,8 +26,8 @@ SPLITS = ('train', 'heldout')
 
 # Documents read and tokenized ahead of packing, by this many threads. Whole
 # files are a few thousand tokens each, so 64 cover several batches of 2048.
-_READ_THREADS = 4
-_READ_BUFFER = 64
+_READ_THREADS = 1
+_READ_BUFFER = 8
 # Batches packed ahead of the training step, so packing overlaps compute.
 _BATCH_BUFFER = 2
 
@@ -82,10 +83,37 @@ def make_dataset(
       f'data.heldout_fraction={c_data.heldout_fraction}).'
     )
 
+  # Rows of one packed stream follow each other through a file (a file is
+  # thousands of tokens), so a batch drawn from one stream would hold one or
+  # two files and a gradient as narrow. Packing `data.streams` disjoint file
+  # streams and interleaving their rows gives each batch as many files,
+  # and stays checkpointable (unlike a row shuffle buffer).
+  num_streams = max(1, min(c_data.streams, len(files)))
+  streams = [
+    _packed_stream(
+      files[i::num_streams],
+      tokenizer,
+      seq_len=seq_len,
+      shuffle_seed=seed + i if split == 'train' else None,
+      repeat=repeat,
+    )
+    for i in range(num_streams)
+  ]
+  ds = grain.experimental.InterleaveIterDataset(streams, cycle_length=num_streams)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  return grain.experimental.ThreadPrefetchIterDataset(
+    ds, prefetch_buffer_size=_BATCH_BUFFER
+  )
+
+
+def _packed_stream(
+  files, tokenizer, *, seq_len, shuffle_seed, repeat
+) -> grain.IterDataset:
+  """One stream of files -> documents -> rows of seq_len, in file order."""
   ds = grain.MapDataset.source([str(path) for path in files])
-  if split == 'train':
+  if shuffle_seed is not None:
     # Repeating a shuffled MapDataset reseeds each epoch: a new order per epoch.
-    ds = ds.shuffle(seed)
+    ds = ds.shuffle(shuffle_seed)
   if repeat:
     ds = ds.repeat()
   ds = ds.map(functools.partial(_document, tokenizer=tokenizer))
@@ -95,11 +123,7 @@ def make_dataset(
   ds = grain.experimental.ConcatThenSplitIterDataset(
     ds, length_struct={'tokens': seq_len}
   )
-  ds = ds.map(functools.partial(_rename, pad_id=tokenizer.pad_id))
-  ds = ds.batch(batch_size, drop_remainder=True)
-  return grain.experimental.ThreadPrefetchIterDataset(
-    ds, prefetch_buffer_size=_BATCH_BUFFER
-  )
+  return ds.map(functools.partial(_rename, pad_id=tokenizer.pad_id))
 
 
 def files_for_split(
