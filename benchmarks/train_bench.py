@@ -56,8 +56,10 @@ def compile_seconds(c, num_layers: int) -> float:
   s = train.setup(c, mesh)
   state = jax.eval_shape(s.init_state, jax.random.key(0))
   shape = (c.train.global_batch_size, c.train.seq_len)
-  batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(mesh))
-           for k in ('tokens', 'segment_ids', 'positions')}
+  batch = {
+    k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(mesh))
+    for k in ('tokens', 'segment_ids', 'positions')
+  }
   t = time.perf_counter()
   with jax.set_mesh(mesh):
     s.train_step.lower(state, batch).compile()
@@ -71,9 +73,16 @@ def main(argv):
   mesh = sharding.make_mesh(c.mesh)
   s = train.setup(c, mesh)
   tok = tokenizer_lib.for_corpus(c.data, c.model.vocab_size)
-  it = iter(pipeline.make_dataset(c.data, tok, seq_len=c.train.seq_len,
-                                  batch_size=c.train.global_batch_size, split='train',
-                                  seed=c.train.seed))
+  it = iter(
+    pipeline.make_dataset(
+      c.data,
+      tok,
+      seq_len=c.train.seq_len,
+      batch_size=c.train.global_batch_size,
+      split='train',
+      seed=c.train.seed,
+    )
+  )
   tokens_per_step = c.train.global_batch_size * c.train.seq_len
   model_flops = flops.train_flops_per_token(s.model_cfg, c.train.seq_len) * tokens_per_step
 

@@ -62,9 +62,7 @@ def flatten(c: ml_collections.ConfigDict, prefix: str = '') -> dict:
   return out
 
 
-def mesh_shape(
-  c_mesh: ml_collections.ConfigDict, num_devices: int
-) -> tuple[int, int, int]:
+def mesh_shape(c_mesh: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
   """(data, tensor, pipeline) with a -1 entry filled from the device count."""
   sizes = {k: c_mesh[k] for k in ('data', 'tensor', 'pipeline')}
   fill = [k for k, v in sizes.items() if v == -1]
@@ -117,9 +115,7 @@ def _check_values(c, num_devices, errors):
 
   positive('model', 'vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads')
   positive('model', 'mlp_dim', 'rope_theta', 'norm_eps', 'max_seq_len', 'init_std')
-  positive(
-    'train', 'steps', 'seq_len', 'global_batch_size', 'microbatches', 'log_every'
-  )
+  positive('train', 'steps', 'seq_len', 'global_batch_size', 'microbatches', 'log_every')
   positive('optim', 'peak_lr', 'eps')
   positive('checkpoint', 'every', 'keep')
   for section, key in [
@@ -141,9 +137,7 @@ def _check_values(c, num_devices, errors):
   if not 0 <= o.end_lr_ratio <= 1:
     errors.append(f'optim.end_lr_ratio: must be in [0, 1], got {o.end_lr_ratio}')
   if not 0 <= c.data.heldout_fraction < 1:
-    errors.append(
-      f'data.heldout_fraction: must be in [0, 1), got {c.data.heldout_fraction}'
-    )
+    errors.append(f'data.heldout_fraction: must be in [0, 1), got {c.data.heldout_fraction}')
   for key, allowed in [
     ('param_dtype', DTYPES),
     ('dtype', DTYPES),
@@ -167,9 +161,7 @@ def _check_values(c, num_devices, errors):
       'integer head_dim (rotary embeddings rotate pairs)'
     )
   if t.seq_len > m.max_seq_len:
-    errors.append(
-      f'train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}'
-    )
+    errors.append(f'train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}')
   if t.loss_chunk_len < 0 or (t.loss_chunk_len and t.seq_len % t.loss_chunk_len):
     errors.append(
       f'train.loss_chunk_len={t.loss_chunk_len} must be 0 or divide train.seq_len={t.seq_len}'

@@ -41,9 +41,7 @@ def _datasets(c, tok):
   train_ds = pipeline.make_dataset(c.data, tok, split='train', **kwargs)
   heldout_ds = None
   if c.train.eval_batches and c.data.heldout_fraction:
-    heldout_ds = pipeline.make_dataset(
-      c.data, tok, split='heldout', repeat=True, **kwargs
-    )
+    heldout_ds = pipeline.make_dataset(c.data, tok, split='heldout', repeat=True, **kwargs)
   return iter(train_ds), heldout_ds
 
 
@@ -98,9 +96,7 @@ def run(c, workdir: str | pathlib.Path) -> dict:
       state, start = s.init_state(jax.random.key(c.train.seed)), 0
     else:
       logging.info('resuming from %s/%d', ckpt.directory, start)
-      state = ckpt.restore(
-        start, jax.eval_shape(s.init_state, jax.random.key(0)), train_it
-      )
+      state = ckpt.restore(start, jax.eval_shape(s.init_state, jax.random.key(0)), train_it)
 
     meter = metrics_lib.Meter(
       tokens_per_step=tokens_per_step,
@@ -140,9 +136,7 @@ def run(c, workdir: str | pathlib.Path) -> dict:
           'eval_loss': eval_loss,
           'eval_perplexity': float(np.exp(eval_loss)),
         }
-        writer.write(
-          step, {'eval_loss': eval_loss, 'eval_perplexity': last['eval_perplexity']}
-        )
+        writer.write(step, {'eval_loss': eval_loss, 'eval_perplexity': last['eval_perplexity']})
         writer.progress(step, {'eval_loss': eval_loss})
         meter.restart()  # Evaluation time is not step time.
       if step % c.checkpoint.every == 0 or step == c.train.steps:

@@ -39,9 +39,7 @@ def _from_chunks(a_CBc_):
 def _logits(x_BcD, w_DV):
   # Rows as a 2-D matmul: XLA:CPU runs it faster than the 3-D einsum.
   x_XD = x_BcD.reshape(-1, x_BcD.shape[-1])
-  logits_XV = jnp.matmul(
-    x_XD, w_DV.astype(x_XD.dtype), preferred_element_type=jnp.float32
-  )
+  logits_XV = jnp.matmul(x_XD, w_DV.astype(x_XD.dtype), preferred_element_type=jnp.float32)
   return sharding.constrain(logits_XV, ('batch', 'vocab'))
 
 
@@ -60,9 +58,7 @@ def token_losses(x_BTD, w_DV, targets_BT, chunk: int):
     _, losses_X = _losses(_logits(x_BcD, w_DV), targets_Bc.reshape(-1))
     return None, losses_X.reshape(targets_Bc.shape)
 
-  _, losses_CBc = jax.lax.scan(
-    step, None, (_by_chunk(x_BTD, chunk), _by_chunk(targets_BT, chunk))
-  )
+  _, losses_CBc = jax.lax.scan(step, None, (_by_chunk(x_BTD, chunk), _by_chunk(targets_BT, chunk)))
   return _from_chunks(losses_CBc)
 
 

@@ -67,9 +67,7 @@ class Meter:
     """The window's metrics; starts a new window."""
     keys = ('lr', 'grad_norm', 'target_tokens', 'nonfinite_total')
     out = {k: self._last[k] for k in keys}
-    out['loss'] = (
-      sum(self._losses) / len(self._losses) if self._losses else self._last['loss']
-    )
+    out['loss'] = sum(self._losses) / len(self._losses) if self._losses else self._last['loss']
     if self._steps:
       now = time.perf_counter()
       step_time = (now - self._t0) / self._steps
@@ -121,9 +119,7 @@ class Writer:
     if self._start_step is None:
       self._start_step, self._start = step, time.time()
     done = step - self._start_step
-    eta = (
-      (time.time() - self._start) / done * (self.total_steps - step) if done else 0.0
-    )
+    eta = (time.time() - self._start) / done * (self.total_steps - step) if done else 0.0
     parts = [f'step {step}/{self.total_steps}']
     if 'loss' in scalars:
       parts.append(f'loss {scalars["loss"]:.4f}')

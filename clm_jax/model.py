@@ -33,9 +33,7 @@ class Decoder(nnx.Module):
 
   def __init__(self, cfg: config_lib.ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.embed = layers.param(
-      rngs, cfg, (cfg.vocab_size, cfg.d_model), ('vocab', 'embed')
-    )
+    self.embed = layers.param(rngs, cfg, (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'))
 
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
@@ -44,9 +42,7 @@ class Decoder(nnx.Module):
 
     self.blocks = make_blocks(rngs)
     self.final_norm = layers.RMSNorm(cfg, rngs)
-    self.lm_head = layers.param(
-      rngs, cfg, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab')
-    )
+    self.lm_head = layers.param(rngs, cfg, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'))
 
   def __call__(self, tokens_BT, segment_ids_BT, positions_BT) -> jax.Array:
     """Returns float32 logits [B, T, V]."""
@@ -85,9 +81,7 @@ def abstract(cfg: config_lib.ModelConfig):
   """
   graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0))))
   axes = nnx.to_pure_dict(nnx.get_partition_spec(state))
-  axes = jax.tree.map(
-    tuple, axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
-  )
+  axes = jax.tree.map(tuple, axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   return graphdef, nnx.to_pure_dict(state), axes
 
 

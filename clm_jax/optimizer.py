@@ -24,9 +24,7 @@ def make_schedule(c_optim, total_steps: int) -> optax.Schedule:
   )
 
 
-def make_optimizer(
-  c_optim, schedule: optax.Schedule, decay_mask
-) -> optax.GradientTransformation:
+def make_optimizer(c_optim, schedule: optax.Schedule, decay_mask) -> optax.GradientTransformation:
   """The update rule.
 
   Args:
@@ -34,11 +32,7 @@ def make_optimizer(
     schedule: learning rate by number of applied updates.
     decay_mask: a params-shaped tree, True where weight decay applies.
   """
-  clip = (
-    optax.clip_by_global_norm(c_optim.clip_norm)
-    if c_optim.clip_norm
-    else optax.identity()
-  )
+  clip = optax.clip_by_global_norm(c_optim.clip_norm) if c_optim.clip_norm else optax.identity()
   adamw = optax.adamw(
     learning_rate=schedule,
     b1=c_optim.b1,

@@ -110,6 +110,5 @@ def host_to_global(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> 
   """Global arrays from this process's rows of a batch (one host or many)."""
   sharding = batch_sharding(mesh)
   return {
-    k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-    for k, v in batch.items()
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
   }

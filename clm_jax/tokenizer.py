@@ -88,9 +88,7 @@ class Tokenizer:
   def __init__(self, processor: spm.SentencePieceProcessor, path: str):
     self._sp = processor
     self.path = path
-    self.sentinels = {
-      role: self._find_piece(piece) for role, piece in SENTINEL_PIECES.items()
-    }
+    self.sentinels = {role: self._find_piece(piece) for role, piece in SENTINEL_PIECES.items()}
     normalizer = sentencepiece_model_pb2.ModelProto.FromString(
       processor.serialized_model_proto()
     ).normalizer_spec
@@ -268,9 +266,7 @@ def for_corpus(
   return train(sample, path, vocab_size)
 
 
-def _cache_key(
-  c_data: ml_collections.ConfigDict, root: pathlib.Path, vocab_size: int
-) -> str:
+def _cache_key(c_data: ml_collections.ConfigDict, root: pathlib.Path, vocab_size: int) -> str:
   root_hash = hashlib.sha256(str(root).encode()).hexdigest()[:12]
   python = f'{sys.version_info.major}.{sys.version_info.minor}'
   return (
@@ -285,9 +281,7 @@ def _default_cache_dir() -> pathlib.Path:
   return pathlib.Path(base).expanduser() / 'tokenizers'
 
 
-def _sample(
-  files: Sequence[pathlib.Path], root: pathlib.Path, max_bytes: int
-) -> Iterator[str]:
+def _sample(files: Sequence[pathlib.Path], root: pathlib.Path, max_bytes: int) -> Iterator[str]:
   """Yields whole files in a fixed pseudo-random order until max_bytes."""
   # A salted hash orders the files independently of the held-out split's hash.
   order = sorted(
@@ -303,9 +297,7 @@ def _sample(
     yield text
 
 
-def _sentences(
-  texts: Iterable[str], max_bytes: int, counts: dict[str, int]
-) -> Iterator[str]:
+def _sentences(texts: Iterable[str], max_bytes: int, counts: dict[str, int]) -> Iterator[str]:
   """Cuts texts into sentences of whole lines, each at most max_bytes."""
   for text in texts:
     counts['texts'] += 1

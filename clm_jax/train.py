@@ -50,9 +50,7 @@ def token_losses(graphdef, params, batch, loss_chunk_len: int = 0):
   """Per-token cross-entropy [B, T] (float32) and the 0/1 weights of real targets."""
   x_BTD, w_DV = _hidden_and_head(graphdef, params, batch)
   targets_BT, weights_BT = _targets(batch)
-  losses_BT = loss_lib.token_losses(
-    x_BTD, w_DV, targets_BT, loss_chunk_len or x_BTD.shape[1]
-  )
+  losses_BT = loss_lib.token_losses(x_BTD, w_DV, targets_BT, loss_chunk_len or x_BTD.shape[1])
   return losses_BT * weights_BT, weights_BT
 
 
@@ -114,9 +112,7 @@ def train_step(
   loss_chunk_len: int = 0,
 ):
   """One optimizer step: (state, batch) -> (state, metrics). Pure; jit it."""
-  loss, count, grads = grads_and_loss(
-    graphdef, state.params, batch, microbatches, loss_chunk_len
-  )
+  loss, count, grads = grads_and_loss(graphdef, state.params, batch, microbatches, loss_chunk_len)
   applied = state.step - state.opt_state.total_notfinite
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -155,9 +151,7 @@ class Setup:
 
 def decay_mask(axes):
   """True for every parameter but norm scales (whose logical axis is 'norm')."""
-  return jax.tree.map(
-    lambda a: 'norm' not in a, axes, is_leaf=lambda a: isinstance(a, tuple)
-  )
+  return jax.tree.map(lambda a: 'norm' not in a, axes, is_leaf=lambda a: isinstance(a, tuple))
 
 
 def setup(c, mesh: jax.sharding.Mesh) -> Setup:
@@ -167,9 +161,7 @@ def setup(c, mesh: jax.sharding.Mesh) -> Setup:
   schedule = optimizer_lib.make_schedule(c.optim, c.train.steps)
   optimizer = optimizer_lib.make_optimizer(c.optim, schedule, decay_mask(axes))
 
-  param_sh = sharding.param_shardings(
-    axes, abstract_params, mesh, sharding.rules_for(c.mesh)
-  )
+  param_sh = sharding.param_shardings(axes, abstract_params, mesh, sharding.rules_for(c.mesh))
   replicated = sharding.replicated(mesh)
   abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
   opt_sh = optax.tree_utils.tree_map_params(
@@ -211,9 +203,7 @@ def setup(c, mesh: jax.sharding.Mesh) -> Setup:
       donate_argnums=0,
     ),
     eval_step=jax.jit(
-      functools.partial(
-        eval_step, graphdef=graphdef, loss_chunk_len=c.train.loss_chunk_len
-      ),
+      functools.partial(eval_step, graphdef=graphdef, loss_chunk_len=c.train.loss_chunk_len),
       in_shardings=(param_sh, batch_sh),
       out_shardings=replicated,
     ),

@@ -21,9 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.mlp_dim = 11008  # Hidden width of the SwiGLU MLP (F).
   m.rope_theta = 10000.0  # Rotary base; CodeLlama uses 1e6.
   m.norm_eps = 1e-5  # RMSNorm epsilon.
-  m.max_seq_len = (
-    4096  # Longest sequence the model is meant for (HF max_position_embeddings).
-  )
+  m.max_seq_len = 4096  # Longest sequence the model is meant for (HF max_position_embeddings).
   m.init_std = 0.02  # Std of the normal initialiser of every matrix.
   m.param_dtype = 'float32'  # Dtype of the master weights (and optimizer state).
   m.dtype = 'bfloat16'  # Compute dtype of matmuls; logits and softmax stay float32.
@@ -42,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.seq_len = 2048  # Tokens per packed row (T).
   t.global_batch_size = 64  # Rows per optimizer step, over all devices.
   t.microbatches = 1  # Gradient-accumulation splits of the global batch.
-  t.loss_chunk_len = 512  # Positions per chunk of LM head + softmax (logits never whole); 0 = seq_len.
+  t.loss_chunk_len = 512  # Positions per LM-head + softmax chunk (logits never whole); 0 = T.
   t.log_every = 10  # Steps between metric lines.
   t.eval_every = 0  # Steps between held-out evaluations; 0 = only at the end.
   t.eval_batches = 4  # Held-out batches per evaluation; 0 disables evaluation.
@@ -68,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.source = 'stdlib'  # Corpus: 'stdlib' = this interpreter's standard-library sources.
   d.path = ''  # Root directory of the corpus; '' = the source's default.
   d.heldout_fraction = 0.02  # Fraction of files held out for evaluation.
-  d.streams = 16  # Packed streams of disjoint files interleaved row by row: a batch mixes files.
+  d.streams = 16  # Packed streams of disjoint files, interleaved: a batch mixes files.
   d.tokenizer = ''  # sentencepiece .model path; '' = train one on the corpus, cached.
   d.tokenizer_sample_mb = 8  # Megabytes of corpus text the tokenizer is trained on.
 

@@ -26,9 +26,7 @@ config_flags.DEFINE_config_file(
   'Config file (a get_config() module).',
   lock_config=True,
 )
-_WORKDIR = flags.DEFINE_string(
-  'workdir', None, 'Run directory; default runs/<config file name>.'
-)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory; default runs/<config file name>.')
 
 
 def _workdir() -> pathlib.Path:

@@ -114,9 +114,7 @@ def test_unknown_and_mistyped_keys(tiny_config):
   d['train']['steps'] = '10'
   with pytest.raises(config_lib.ConfigError) as e:
     config_lib.validate(ml_collections.ConfigDict(d), 1)
-  assert 'model.num_layer: unknown config key (did you mean model.num_layers?)' in str(
-    e.value
-  )
+  assert 'model.num_layer: unknown config key (did you mean model.num_layers?)' in str(e.value)
   assert "train.steps: expected int, got '10'" in str(e.value)
 
 

@@ -132,9 +132,7 @@ def test_split_is_deterministic_disjoint_and_order_free():
   # Only the path relative to the root counts: another machine agrees.
   moved = [pathlib.Path('/elsewhere') / p.relative_to(root) for p in files]
   _, heldout3 = sources.split_files(moved, pathlib.Path('/elsewhere'), 0.1)
-  assert {p.relative_to('/elsewhere') for p in heldout3} == {
-    p.relative_to(root) for p in heldout
-  }
+  assert {p.relative_to('/elsewhere') for p in heldout3} == {p.relative_to(root) for p in heldout}
 
 
 def test_split_edge_fractions(corpus):
@@ -184,16 +182,12 @@ def test_packed_rows_hold_whole_documents_in_order(corpus, tok):
 
 def test_streams_mix_files_within_a_batch(tmp_path, tok):
   for i in range(8):  # Long files, each thousands of tokens, each with its own name.
-    (tmp_path / f'mod{i}.py').write_text(
-      ''.join(f'name{i} = {k}\n' for k in range(400))
-    )
+    (tmp_path / f'mod{i}.py').write_text(''.join(f'name{i} = {k}\n' for k in range(400)))
 
   def files_in_first_batch(streams):
     c_data = _data_config(path=str(tmp_path), heldout_fraction=0.0, streams=streams)
     it = iter(
-      pipeline.make_dataset(
-        c_data, tok, seq_len=SEQ_LEN, batch_size=8, split='train', seed=3
-      )
+      pipeline.make_dataset(c_data, tok, seq_len=SEQ_LEN, batch_size=8, split='train', seed=3)
     )
     text = ''.join(tok.decode(row) for row in next(it)['tokens'])
     it.close()
@@ -218,9 +212,7 @@ def test_heldout_keeps_file_order(corpus, tok):
 def test_train_reshuffles_every_epoch(corpus, tok):
   root, docs = corpus
   c_data = _data_config(path=str(root), heldout_fraction=0.0, streams=1)
-  ds = pipeline.make_dataset(
-    c_data, tok, seq_len=SEQ_LEN, batch_size=4, split='train', seed=0
-  )
+  ds = pipeline.make_dataset(c_data, tok, seq_len=SEQ_LEN, batch_size=4, split='train', seed=0)
   found = _documents(_take(ds, 40))
   n = len(docs)
   assert len(found) > 2 * n
@@ -234,9 +226,7 @@ def test_seed_fixes_the_batches(corpus, tok):
   c_data = _data_config(path=str(root))
 
   def batches(seed):
-    ds = pipeline.make_dataset(
-      c_data, tok, seq_len=SEQ_LEN, batch_size=2, split='train', seed=seed
-    )
+    ds = pipeline.make_dataset(c_data, tok, seq_len=SEQ_LEN, batch_size=2, split='train', seed=seed)
     return np.stack([b['tokens'] for b in _take(ds, 5)])
 
   np.testing.assert_array_equal(batches(7), batches(7))
@@ -274,9 +264,7 @@ def test_restored_state_resumes_the_same_batches(corpus, tok):
   c_data = _data_config(path=str(root))
 
   def make():
-    return pipeline.make_dataset(
-      c_data, tok, seq_len=SEQ_LEN, batch_size=3, split='train', seed=1
-    )
+    return pipeline.make_dataset(c_data, tok, seq_len=SEQ_LEN, batch_size=3, split='train', seed=1)
 
   it = iter(make())
   for _ in range(20):  # Past the first epoch boundary and mid-document.
@@ -302,10 +290,6 @@ def test_make_dataset_rejects_bad_arguments(corpus, tok):
     pipeline.make_dataset(c_data, tok, split='test', **common)
   # 2% of 40 files holds out exactly one, so a second shard would be empty.
   with pytest.raises(ValueError, match='Shard 1 of 2 of the heldout split'):
-    pipeline.make_dataset(
-      c_data, tok, split='heldout', shard_index=1, shard_count=2, **common
-    )
+    pipeline.make_dataset(c_data, tok, split='heldout', shard_index=1, shard_count=2, **common)
   with pytest.raises(ValueError, match='shard_index'):
-    pipeline.make_dataset(
-      c_data, tok, split='train', shard_index=2, shard_count=2, **common
-    )
+    pipeline.make_dataset(c_data, tok, split='train', shard_index=2, shard_count=2, **common)

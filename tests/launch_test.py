@@ -63,9 +63,7 @@ def test_train_writes_the_workdir_contract_and_resumes(tmp_path):
 
   config = json.loads((workdir / 'config.json').read_text())
   assert config['model']['d_model'] == 64 and config['train']['steps'] == 40
-  lines = [
-    json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()
-  ]
+  lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   train_lines = [m for m in lines if 'loss' in m]
   assert [m['step'] for m in train_lines] == [1, 5, 10, 15, 20, 25, 30, 35, 40]
   for m in train_lines[1:]:
@@ -73,11 +71,7 @@ def test_train_writes_the_workdir_contract_and_resumes(tmp_path):
   # The loss falls: the last logged loss is well under the first.
   assert train_lines[-1]['loss'] < 0.8 * train_lines[0]['loss']
   evals = [m for m in lines if 'eval_loss' in m]
-  assert (
-    evals
-    and evals[-1]['step'] == 40
-    and evals[-1]['eval_loss'] < train_lines[0]['loss']
-  )
+  assert evals and evals[-1]['step'] == 40 and evals[-1]['eval_loss'] < train_lines[0]['loss']
   assert {
     'train/loss',
     'train/lr',
@@ -95,9 +89,7 @@ def test_train_writes_the_workdir_contract_and_resumes(tmp_path):
   # Running again with more steps resumes from step 40 and appends.
   out = _train(workdir, tmp_path / 'cache', '--config.train.steps=50')
   assert 'resuming from' in out.stderr
-  lines = [
-    json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()
-  ]
+  lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   steps = [m['step'] for m in lines if 'loss' in m]
   assert steps == [1, 5, 10, 15, 20, 25, 30, 35, 40, 41, 45, 50]
   assert (workdir / 'checkpoints' / '50').exists()

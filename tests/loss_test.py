@@ -20,9 +20,7 @@ def _inputs(dtype=jnp.float32, B=2, T=12, D=16, V=40):
 
 def _reference(x, w, targets, weights):
   logits = jnp.einsum('BTD,DV->BTV', x.astype(jnp.float32), w)
-  return (
-    optax.softmax_cross_entropy_with_integer_labels(logits, targets) * weights
-  ).sum()
+  return (optax.softmax_cross_entropy_with_integer_labels(logits, targets) * weights).sum()
 
 
 @pytest.mark.parametrize('chunk', [12, 4, 3])

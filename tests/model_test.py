@@ -49,9 +49,7 @@ def _reference_logits(cfg, params, tokens):
   H, G = cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
   pos = np.arange(T)
   inv = 1.0 / cfg.rope_theta ** (np.arange(0, H, 2) / H)
-  ang = np.concatenate(
-    [pos[:, None] * inv] * 2, axis=-1
-  )  # [T, H], HF's cat((freqs, freqs))
+  ang = np.concatenate([pos[:, None] * inv] * 2, axis=-1)  # [T, H], HF's cat((freqs, freqs))
 
   def rope(x):  # HF apply_rotary_pos_emb with rotate_half.
     rot = np.concatenate([-x[..., H // 2 :], x[..., : H // 2]], axis=-1)
@@ -83,9 +81,7 @@ def _reference_logits(cfg, params, tokens):
 def test_logits_match_reference_llama(kv_heads):
   cfg = _cfg(num_kv_heads=kv_heads)
   graphdef, params = _init(cfg)
-  tokens = (
-    np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16)).astype(np.int32)
-  )
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16)).astype(np.int32)
   logits = apply(graphdef, params, tokens, *_single_doc(tokens))
   ref = _reference_logits(cfg, params, tokens)
   assert logits.dtype == jnp.float32
@@ -102,12 +98,8 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     'wk',
     'wv',
   ):  # [L, D, K, H] -> [L, D, N, H], each kv head shared by G = 2.
-    mha_params['blocks']['attn'][name] = jnp.repeat(
-      params['blocks']['attn'][name], 2, axis=2
-    )
-  tokens = (
-    np.random.default_rng(1).integers(0, gqa.vocab_size, (2, 12)).astype(np.int32)
-  )
+    mha_params['blocks']['attn'][name] = jnp.repeat(params['blocks']['attn'][name], 2, axis=2)
+  tokens = np.random.default_rng(1).integers(0, gqa.vocab_size, (2, 12)).astype(np.int32)
   a = apply(graphdef_gqa, params, tokens, *_single_doc(tokens))
   b = apply(graphdef_mha, mha_params, tokens, *_single_doc(tokens))
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -131,9 +123,7 @@ def test_causal_and_document_masking_through_gradients():
   cfg = _cfg()
   graphdef, params = _init(cfg)
   T = 12
-  tokens = np.arange(1, T + 1, dtype=np.int32)[
-    None
-  ]  # Distinct ids: embed row i <-> position.
+  tokens = np.arange(1, T + 1, dtype=np.int32)[None]  # Distinct ids: embed row i <-> position.
   segments = np.array([[1] * 5 + [2] * 7], np.int32)
   positions = np.array([list(range(5)) + list(range(7))], np.int32)
 
@@ -192,12 +182,8 @@ def test_remat_gives_the_same_gradients(remat):
   grads = []
   for r in ('none', remat):
     graphdef, params = _init(_cfg(remat=r))
-    grads.append(
-      jax.grad(lambda p, g=graphdef: token_losses(g, p, batch)[0].sum())(params)
-    )
-  jax.tree.map(
-    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *grads
-  )
+    grads.append(jax.grad(lambda p, g=graphdef: token_losses(g, p, batch)[0].sum())(params))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *grads)
 
 
 def test_bf16_compute_keeps_fp32_params_and_logits():

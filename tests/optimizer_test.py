@@ -70,9 +70,7 @@ def test_weight_decay_skips_norm_scales(tiny_config):
 
 
 def test_nonfinite_gradients_skip_the_update_and_are_counted(tiny_config):
-  opt = optimizer.make_optimizer(
-    tiny_config.optim, lambda _: 0.1, train.decay_mask(_axes())
-  )
+  opt = optimizer.make_optimizer(tiny_config.optim, lambda _: 0.1, train.decay_mask(_axes()))
   params = _params()
   state = opt.init(params)
   bad = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), params)

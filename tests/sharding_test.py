@@ -49,9 +49,7 @@ def reference(make_tiny_config):
 # Adam divides by sqrt(v): last-bit differences in tiny gradients move a
 # parameter by up to ~1e-3 of one update (lr 1e-2), hence atol 1e-5.
 def _assert_params_close(a, b):
-  jax.tree.map(
-    lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), a, b
-  )
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), a, b)
 
 
 @pytest.mark.parametrize(
@@ -75,9 +73,7 @@ def test_mesh_matches_one_device(tiny_config, reference, data, tensor, fsdp):
   _assert_params_close(params, ref_params)
   # And the state really is split: the big matrices live in pieces.
   wq = state.params['blocks']['attn']['wq']
-  assert wq.addressable_shards[0].data.size == wq.size // tensor // (
-    data if fsdp else 1
-  )
+  assert wq.addressable_shards[0].data.size == wq.size // tensor // (data if fsdp else 1)
 
 
 def test_microbatch_accumulation_equals_one_large_batch(tiny_config):
@@ -119,9 +115,7 @@ def test_golden_parameter_shardings(tiny_config):
   mesh = sharding.make_mesh(c.mesh, jax.devices())
   s = train.setup(c, mesh)
   specs = jax.tree.map(lambda s: s.spec, s.state_shardings.params)
-  assert specs['blocks']['attn']['wk'] == P(
-    None, 'data', 'tensor', None
-  )  # 2 kv heads / 2
+  assert specs['blocks']['attn']['wk'] == P(None, 'data', 'tensor', None)  # 2 kv heads / 2
   assert specs['blocks']['mlp']['w_down'] == P(None, 'tensor', 'data')
   assert specs['embed'] == P('tensor', 'data')
   # Adam moments are sharded exactly like the parameters.

@@ -159,9 +159,7 @@ def test_load_corrupt_file_names_the_path(tmp_path, data):
 
 def test_load_finds_codellama_style_sentinels(tok, tmp_path):
   # CodeLlama's tokenizer.model names its sentinels with a space prefix.
-  proto = sentencepiece_model_pb2.ModelProto.FromString(
-    pathlib.Path(tok.path).read_bytes()
-  )
+  proto = sentencepiece_model_pb2.ModelProto.FromString(pathlib.Path(tok.path).read_bytes())
   proto.pieces[4].piece = '\u2581<PRE>'
   proto.pieces[5].piece = 'not a sentinel'
   path = tmp_path / 'codellama.model'
@@ -172,9 +170,7 @@ def test_load_finds_codellama_style_sentinels(tok, tmp_path):
 
 def test_load_llama_style_model(tok, tmp_path):
   # LLaMA-2's tokenizer.model: a dummy-prefix ' ', no pad, no sentinels.
-  proto = sentencepiece_model_pb2.ModelProto.FromString(
-    pathlib.Path(tok.path).read_bytes()
-  )
+  proto = sentencepiece_model_pb2.ModelProto.FromString(pathlib.Path(tok.path).read_bytes())
   proto.normalizer_spec.add_dummy_prefix = True
   proto.trainer_spec.pad_id = -1
   for i in range(3, 8):
@@ -196,9 +192,7 @@ def test_for_corpus_loads_the_cache_without_training(tok, cache_dir, capsys):
   assert again.path == tok.path
   assert os.stat(tok.path).st_mtime_ns == mtime
   assert 'Training' not in capsys.readouterr().out
-  assert sorted(p.name for p in pathlib.Path(cache_dir).iterdir()) == [
-    pathlib.Path(tok.path).name
-  ]
+  assert sorted(p.name for p in pathlib.Path(cache_dir).iterdir()) == [pathlib.Path(tok.path).name]
 
 
 def test_cache_key_changes_with_what_changes_the_model(tok, tmp_path):

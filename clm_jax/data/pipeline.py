@@ -101,14 +101,10 @@ def make_dataset(
   ]
   ds = grain.experimental.InterleaveIterDataset(streams, cycle_length=num_streams)
   ds = ds.batch(batch_size, drop_remainder=True)
-  return grain.experimental.ThreadPrefetchIterDataset(
-    ds, prefetch_buffer_size=_BATCH_BUFFER
-  )
+  return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=_BATCH_BUFFER)
 
 
-def _packed_stream(
-  files, tokenizer, *, seq_len, shuffle_seed, repeat
-) -> grain.IterDataset:
+def _packed_stream(files, tokenizer, *, seq_len, shuffle_seed, repeat) -> grain.IterDataset:
   """One stream of files -> documents -> rows of seq_len, in file order."""
   ds = grain.MapDataset.source([str(path) for path in files])
   if shuffle_seed is not None:
@@ -120,15 +116,11 @@ def _packed_stream(
   ds = ds.to_iter_dataset(
     grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_READ_BUFFER)
   )
-  ds = grain.experimental.ConcatThenSplitIterDataset(
-    ds, length_struct={'tokens': seq_len}
-  )
+  ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={'tokens': seq_len})
   return ds.map(functools.partial(_rename, pad_id=tokenizer.pad_id))
 
 
-def files_for_split(
-  c_data: ml_collections.ConfigDict, split: str
-) -> list[pathlib.Path]:
+def files_for_split(c_data: ml_collections.ConfigDict, split: str) -> list[pathlib.Path]:
   """Returns the files of one split of the corpus, in sorted order."""
   files = sources.list_files(c_data)
   root = sources.corpus_root(c_data)

@@ -33,14 +33,10 @@ def corpus_root(c_data: ml_collections.ConfigDict) -> pathlib.Path:
     FileNotFoundError: The root (`data.path`, or the default) is no directory.
   """
   if c_data.source not in SOURCES:
-    raise ValueError(
-      f'data.source={c_data.source!r} is unknown; expected one of {SOURCES}.'
-    )
+    raise ValueError(f'data.source={c_data.source!r} is unknown; expected one of {SOURCES}.')
   root = pathlib.Path(c_data.path or sysconfig.get_paths()['stdlib']).expanduser()
   if not root.is_dir():
-    raise FileNotFoundError(
-      f'data.path={c_data.path!r}: corpus directory {root} does not exist.'
-    )
+    raise FileNotFoundError(f'data.path={c_data.path!r}: corpus directory {root} does not exist.')
   return root.resolve()
 
 
