@@ -144,6 +144,7 @@ def run(c, workdir: str | pathlib.Path) -> dict:
     if pending:
       finish(*pending)
   ckpt.wait()
+  train_it.close()
   ckpt.close()
   writer.close()
   if is_main:

@@ -11,6 +11,7 @@ Examples:
 
 import logging as std_logging
 import pathlib
+import sys
 
 from absl import app
 from absl import flags
@@ -49,9 +50,13 @@ def main(argv):
     )
   logging.get_absl_handler().addFilter(_QuietLibraries())
   # Imported here so that `--help` and usage errors need no JAX start-up.
+  from clm_jax import config as config_lib
   from clm_jax import loop
 
-  loop.run(flags.FLAGS.config, _workdir())
+  try:
+    loop.run(flags.FLAGS.config, _workdir())
+  except config_lib.ConfigError as e:
+    sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

@@ -1,6 +1,7 @@
 """Every config file validates; every inconsistency is rejected by name before device work."""
 
 import importlib.util
+import os
 import pathlib
 import subprocess
 import sys
@@ -136,3 +137,25 @@ def test_command_line_typo_names_the_key(tmp_path):
   assert out.returncode != 0
   assert 'num_layer' in out.stderr
   assert not list(tmp_path.iterdir())  # Nothing was started.
+
+
+def test_command_line_inconsistency_is_a_clean_error(tmp_path):
+  out = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'launch',
+      'train',
+      '--config.model.num_kv_heads=3',
+      f'--workdir={tmp_path}',
+    ],
+    capture_output=True,
+    text=True,
+    cwd=CONFIGS.parent,
+    timeout=120,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )
+  assert out.returncode == 1
+  assert 'error: invalid config:' in out.stderr
+  assert 'model.num_heads=4 is not divisible by model.num_kv_heads=3' in out.stderr
+  assert 'Traceback' not in out.stderr
