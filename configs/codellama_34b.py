@@ -2,7 +2,11 @@
 
 48 layers, d_model 8192, 64 query / 8 kv heads, SwiGLU 22016, RoPE theta 1e6;
 8192-token packed rows, 4,096 rows per step as 16 micro-batches (33.5M tokens
-per step): 500B tokens is 14,902 steps, on 128 A100s.
+per step): 500B tokens is 14,902 steps, on 128 A100s. The optimizer and
+schedule (AdamW 0.9 / 0.95 / 1e-6, weight decay 0.1, clip 1.0, 2,000 warmup
+steps to 3e-4, cosine to 10%), vocab 32000, RMSNorm eps 1e-5, fp32 master
+weights, bf16 compute and full remat are base.py's values, which are the
+original run's.
 
 The original mesh was data 4 x tensor 8 x pipeline 4 (tensor within a node of
 8, pipeline across nodes). Until the pipeline schedule lands, the pipeline
@@ -15,35 +19,20 @@ from configs import base
 
 def get_config():
   c = base.get_config()
-  c.model.vocab_size = 32000
   c.model.d_model = 8192
   c.model.num_layers = 48
   c.model.num_heads = 64
   c.model.num_kv_heads = 8
   c.model.mlp_dim = 22016
   c.model.rope_theta = 1e6
-  c.model.norm_eps = 1e-5
   c.model.max_seq_len = 16384
-  c.model.param_dtype = 'float32'
-  c.model.dtype = 'bfloat16'
-  c.model.remat = 'full'
   c.mesh.data = 16
   c.mesh.tensor = 8
-  c.mesh.pipeline = 1
   c.mesh.fsdp = True
   c.train.steps = 14_902  # ceil(500e9 / (4096 * 8192))
   c.train.seq_len = 8192
   c.train.global_batch_size = 4096
   c.train.microbatches = 16
-  c.train.log_every = 10
   c.train.eval_every = 1000
-  c.optim.peak_lr = 3e-4
-  c.optim.warmup_steps = 2000
-  c.optim.end_lr_ratio = 0.1
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.95
-  c.optim.eps = 1e-6
-  c.optim.weight_decay = 0.1
-  c.optim.clip_norm = 1.0
   c.checkpoint.every = 250
   return c
