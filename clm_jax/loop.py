@@ -16,7 +16,6 @@ from clm_jax import checkpoint
 from clm_jax import config as config_lib
 from clm_jax import flops
 from clm_jax import metrics as metrics_lib
-from clm_jax import model as model_lib
 from clm_jax import sharding
 from clm_jax import tokenizer as tokenizer_lib
 from clm_jax import train
@@ -74,12 +73,11 @@ def run(c, workdir: str | pathlib.Path) -> dict:
   s = train.setup(c, mesh)
   train_it, heldout_ds = _datasets(c, tok)
 
-  _, abstract_params, _ = model_lib.abstract(s.model_cfg)
   flops_per_token = flops.train_flops_per_token(s.model_cfg, c.train.seq_len)
   peak = flops.peak_tflops(jax.devices()[0], c.train.peak_tflops)
   logging.info(
     'model: %s parameters, %.3g training FLOPs/token; mesh %s over %d devices (%s)',
-    f'{model_lib.param_count(abstract_params):,}',
+    f'{s.param_count:,}',
     flops_per_token,
     dict(mesh.shape),
     jax.device_count(),

@@ -140,6 +140,7 @@ class Setup:
 
   mesh: jax.sharding.Mesh
   model_cfg: config_lib.ModelConfig
+  param_count: int
   graphdef: object
   schedule: optax.Schedule
   optimizer: optax.GradientTransformation
@@ -191,6 +192,7 @@ def setup(c, mesh: jax.sharding.Mesh) -> Setup:
   return Setup(
     mesh=mesh,
     model_cfg=model_cfg,
+    param_count=model_lib.param_count(abstract_params),
     graphdef=graphdef,
     schedule=schedule,
     optimizer=optimizer,
