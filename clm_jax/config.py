@@ -11,12 +11,12 @@ import math
 
 import ml_collections
 
+from clm_jax.data import sources
 from configs import base
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 REMAT = ('none', 'full', 'save_dots')
 ATTENTION = ('xla', 'cudnn')
-SOURCES = ('stdlib',)
 
 
 class ConfigError(ValueError):
@@ -127,6 +127,8 @@ def _check_values(c, num_devices, errors):
     ('optim', 'weight_decay'),
     ('optim', 'clip_norm'),
     ('data', 'streams'),
+    ('data', 'workers'),
+    ('data', 'read_threads'),
     ('train', 'max_nonfinite'),
   ]:
     if c[section][key] < 0:
@@ -146,8 +148,17 @@ def _check_values(c, num_devices, errors):
   ]:
     if m[key] not in allowed:
       errors.append(f'model.{key}: {m[key]!r} is not one of {allowed}')
-  if c.data.source not in SOURCES:
-    errors.append(f'data.source: {c.data.source!r} is not one of {SOURCES}')
+  if c.data.source not in sources.SOURCES:
+    errors.append(f'data.source: {c.data.source!r} is not one of {sources.SOURCES}')
+  elif c.data.source != 'stdlib' and not c.data.path:
+    errors.append(f'data.path: data.source={c.data.source!r} needs a path')
+  for key in ('fim_rate', 'fim_spm_rate'):
+    if not 0 <= c.data[key] <= 1:
+      errors.append(f'data.{key}: must be in [0, 1], got {c.data[key]}')
+  try:
+    sources.parse_mixture(c.data.mixture)
+  except ValueError as e:
+    errors.append(str(e))
   if errors:
     return  # The checks below divide by these values.
 

@@ -39,7 +39,7 @@ def _datasets(c, tok):
   )
   train_ds = pipeline.make_dataset(c.data, tok, split='train', **kwargs)
   heldout_ds = None
-  if c.train.eval_batches and c.data.heldout_fraction:
+  if c.train.eval_batches and pipeline.has_heldout(c.data):
     heldout_ds = pipeline.make_dataset(c.data, tok, split='heldout', repeat=True, **kwargs)
   return iter(train_ds), heldout_ds
 

@@ -23,6 +23,7 @@ pieces ('▁▁▁▁', '▁▁▁▁▁▁▁▁') and line ends as pieces like
 """
 
 import hashlib
+import heapq
 import io
 import os
 import pathlib
@@ -104,6 +105,11 @@ class Tokenizer:
   def __repr__(self) -> str:
     return f'Tokenizer({self.path!r}, vocab_size={self.vocab_size})'
 
+  # Grain's worker processes receive the pipeline pickled; the processor
+  # itself does not pickle, so the model travels as its serialized proto.
+  def __reduce__(self):
+    return _from_proto, (self._sp.serialized_model_proto(), self.path)
+
   @property
   def vocab_size(self) -> int:
     return self._sp.get_piece_size()
@@ -155,6 +161,12 @@ class Tokenizer:
     return None
 
 
+def _from_proto(proto: bytes, path: str) -> Tokenizer:
+  processor = spm.SentencePieceProcessor()
+  processor.LoadFromSerializedProto(proto)
+  return Tokenizer(processor, path)
+
+
 def load(path: str | os.PathLike) -> Tokenizer:
   """Loads any sentencepiece model, e.g. ours or CodeLlama's tokenizer.model.
 
@@ -179,6 +191,7 @@ def train(
   vocab_size: int,
   *,
   max_sentence_length: int = 8192,
+  verbose: bool = False,
 ) -> Tokenizer:
   """Trains a lossless BPE tokenizer for code and writes it atomically.
 
@@ -190,6 +203,7 @@ def train(
     vocab_size: Pieces in the model, the 8 special ones and 256 bytes included.
     max_sentence_length: Longest sentence in bytes; sentencepiece would
       silently skip longer ones, so texts are cut below it.
+    verbose: Show sentencepiece's own progress log (each merge round).
 
   Returns:
     The trained tokenizer, loaded from `model_path`.
@@ -207,7 +221,7 @@ def train(
       vocab_size=vocab_size,
       max_sentence_length=max_sentence_length,
       num_threads=os.cpu_count() or 1,
-      **_TRAINER_OPTIONS,
+      **{**_TRAINER_OPTIONS, 'minloglevel': 0 if verbose else 1},
     )
   except RuntimeError as e:
     # Typically too small a vocabulary for the characters seen, or too little
@@ -225,14 +239,89 @@ def train(
   return load(model_path)
 
 
+def train_on_inputs(
+  inputs: Sequence[str],
+  model_path: str | os.PathLike,
+  vocab_size: int,
+  *,
+  sample_mb: float,
+  read_options: sources.ReadOptions = sources.ReadOptions(),
+  languages: Sequence[str] = (),
+  verbose: bool = True,
+) -> Tokenizer:
+  """Trains on a uniform sample of at most `sample_mb` MiB of any inputs.
+
+  The inputs are read once, streaming, and only the sample is held in memory,
+  so the corpus may be far larger than RAM. Unusable inputs (binary, bad
+  UTF-8, malformed JSON) are skipped, as `data prepare` skips them.
+
+  Args:
+    inputs: Directories, JSONL(.gz) or Parquet files (see sources.list_units).
+    model_path: Where the .model file goes.
+    vocab_size: Pieces in the model.
+    sample_mb: Megabytes of text to train on, sampled uniformly by a hash of
+      each document's content (the same sample whatever the input order).
+    read_options: Fields of JSONL / Parquet records.
+    languages: Only documents of these languages; () = all.
+    verbose: Print reading progress and sentencepiece's training log.
+  """
+  units = sources.list_units(inputs)
+  documents = skipped = read = 0
+
+  def texts():
+    nonlocal documents, skipped, read
+    for unit in units:
+      for item in sources.read_unit(unit, read_options):
+        if isinstance(item, sources.Skipped) or (languages and item.language not in languages):
+          skipped += 1
+          continue
+        documents += 1
+        read += len(item.text)
+        if verbose and documents % 10_000 == 0:
+          print(f'  read {documents:,} documents, {read / 2**20:,.0f} MB', flush=True)
+        yield item.text
+
+  sample = sample_texts(texts(), int(sample_mb * 2**20))
+  if verbose:
+    print(
+      f'Sampled {len(sample):,} of {documents:,} documents ({skipped:,} skipped) '
+      f'from {len(units)} input units.',
+      flush=True,
+    )
+  if not sample:
+    raise ValueError(f'--input={",".join(inputs)}: no usable document to train on.')
+  return train(sample, model_path, vocab_size, verbose=verbose)
+
+
+def sample_texts(texts: Iterable[str], max_bytes: int) -> list[str]:
+  """A uniform sample of texts, at most max_bytes in all, in bounded memory.
+
+  Keeps the texts whose content hashes are smallest (bottom-k sampling by
+  size): one pass, memory about max_bytes, and the same sample whatever order
+  the texts come in.
+  """
+  heap, total = [], 0  # Max-heap on the hash, as (-hash, text).
+  for text in texts:
+    size = len(text.encode())
+    if size > max_bytes:
+      continue
+    heapq.heappush(heap, (-sources.unit_hash(text, 'tokenizer-sample'), text))
+    total += size
+    while total > max_bytes:
+      _, dropped = heapq.heappop(heap)
+      total -= len(dropped.encode())
+  return [text for _, text in sorted(heap, reverse=True)]
+
+
 def for_corpus(
   c_data: ml_collections.ConfigDict,
   vocab_size: int,
   *,
   cache_dir: str | os.PathLike | None = None,
 ) -> Tokenizer:
-  """Returns the tokenizer for a corpus: `data.tokenizer`, or a cached one.
+  """Returns the tokenizer for a corpus: `data.tokenizer`, or a default.
 
+  For prepared data the default is the directory's tokenizer.model.
   Without `data.tokenizer`, trains on about `data.tokenizer_sample_mb` MiB of
   the training split (never the held-out files) once, and caches the model
   under a key of everything that changes it.
@@ -247,8 +336,9 @@ def for_corpus(
   Raises:
     ValueError: The given tokenizer has more pieces than `vocab_size`.
   """
-  if c_data.tokenizer:
-    tokenizer = load(c_data.tokenizer)
+  if c_data.tokenizer or c_data.source == 'prepared':
+    # Prepared ids belong to the tokenizer stored beside them.
+    tokenizer = load(c_data.tokenizer or pathlib.Path(c_data.path).expanduser() / 'tokenizer.model')
     if tokenizer.vocab_size > vocab_size:
       raise ValueError(
         f'data.tokenizer={c_data.tokenizer!r} has {tokenizer.vocab_size} '

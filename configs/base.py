@@ -63,12 +63,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint.keep = 3  # Recent checkpoints kept.
 
   c.data = d = ml_collections.ConfigDict()
-  d.source = 'stdlib'  # Corpus: 'stdlib' = this interpreter's standard-library sources.
-  d.path = ''  # Root directory of the corpus; '' = the source's default.
-  d.heldout_fraction = 0.02  # Fraction of files held out for evaluation.
-  d.streams = 16  # Packed streams of disjoint files, interleaved: a batch mixes files.
-  d.tokenizer = ''  # sentencepiece .model path; '' = train one on the corpus, cached.
-  d.tokenizer_sample_mb = 8  # Megabytes of corpus text the tokenizer is trained on.
+  # 'stdlib' = this interpreter's standard-library *.py files; 'files' = the source
+  # tree at data.path (both tokenized on the fly); 'prepared' = a `data prepare` output.
+  d.source = 'stdlib'
+  d.path = ''  # Corpus root ('stdlib', 'files') or prepared directory; '' = stdlib default.
+  d.heldout_fraction = 0.02  # Raw sources: fraction of files held out for evaluation.
+  d.mixture = ''  # Train weights by language, 'python:0.6,text:0.4'; '' = natural proportions.
+  d.fim_rate = 0.0  # Fraction of documents turned fill-in-the-middle; 0 = off.
+  d.fim_spm_rate = 0.5  # Of those, the fraction in SPM (suffix first) order; the rest PSM.
+  d.streams = 16  # Packed streams of different documents, interleaved: a batch mixes them.
+  d.workers = 0  # Grain worker processes per host; 0 = in the training process.
+  d.read_threads = 1  # Threads per stream reading and tokenizing documents ahead.
+  d.tokenizer = ''  # sentencepiece .model; '' = the prepared dir's, or one trained on the corpus.
+  d.tokenizer_sample_mb = 8  # Raw sources: megabytes of text the default tokenizer learns from.
 
   c.lock()
   return c

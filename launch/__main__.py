@@ -1,12 +1,18 @@
 """clm_jax command line: `python -m launch COMMAND [--config=...] [--flags]`.
 
 Commands:
-  train   Train (or resume) the config into --workdir.
+  train             Train (or resume) the config into --workdir.
+  tokenizer train   Train a sentencepiece BPE tokenizer for code on --input.
+  data prepare      Filter, deduplicate and tokenize --input into ArrayRecord shards.
 
 Examples:
   python -m launch train
   python -m launch train --config=configs/bench_tiny.py --config.train.steps=20 \\
       --workdir=runs/bench
+  python -m launch tokenizer train --input=~/code,dump.jsonl.gz --output=tok.model \\
+      --vocab_size=32000 --sample_mb=2048
+  python -m launch data prepare --input=~/code,dump.jsonl.gz --output=data/code \\
+      --tokenizer=tok.model
 """
 
 import logging as std_logging
@@ -19,7 +25,7 @@ from absl import logging
 from ml_collections import config_flags
 
 _CONFIGS = pathlib.Path(__file__).resolve().parent.parent / 'configs'
-COMMANDS = ('train',)
+COMMANDS = ('train', 'tokenizer train', 'data prepare')
 
 config_flags.DEFINE_config_file(
   'config',
@@ -28,6 +34,28 @@ config_flags.DEFINE_config_file(
   lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory; default runs/<config file name>.')
+
+# tokenizer train, data prepare
+_INPUT = flags.DEFINE_list('input', [], 'Directories, JSONL(.gz) or Parquet files.')
+_OUTPUT = flags.DEFINE_string('output', None, 'Tokenizer .model file, or prepared directory.')
+_TEXT_FIELD = flags.DEFINE_string('text_field', 'content', 'JSONL / Parquet field with the text.')
+_LANGUAGE_FIELD = flags.DEFINE_string(
+  'language_field', 'language', 'Optional field with the language; else the path field.'
+)
+_PATH_FIELD = flags.DEFINE_string('path_field', 'path', 'Optional field with a file path.')
+_LANGUAGES = flags.DEFINE_list('languages', [], 'Keep only these languages; default all.')
+_VOCAB_SIZE = flags.DEFINE_integer('vocab_size', 32000, 'tokenizer train: pieces in the model.')
+_SAMPLE_MB = flags.DEFINE_float('sample_mb', 1024, 'tokenizer train: MiB of text sampled.')
+_TOKENIZER = flags.DEFINE_string(
+  'tokenizer', None, "data prepare: tokenizer .model; default the default config's."
+)
+_WORKERS = flags.DEFINE_integer('workers', 0, 'data prepare: processes; 0 = one per CPU.')
+_NEAR_DUP = flags.DEFINE_float(
+  'near_dup_threshold', 0.85, 'data prepare: MinHash Jaccard of near duplicates; 0 = off.'
+)
+_HELDOUT = flags.DEFINE_float('heldout_fraction', 0.005, 'data prepare: documents held out.')
+_SHARD_MB = flags.DEFINE_float('shard_mb', 256, 'data prepare: target MiB per output shard.')
+_KEEP_WORK = flags.DEFINE_bool('keep_work', False, 'data prepare: keep output/work.')
 
 
 def _workdir() -> pathlib.Path:
@@ -43,19 +71,86 @@ class _QuietLibraries(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
 
 
+def _read_options():
+  from clm_jax.data import sources
+
+  return sources.ReadOptions(
+    text_field=_TEXT_FIELD.value,
+    language_field=_LANGUAGE_FIELD.value,
+    path_field=_PATH_FIELD.value,
+  )
+
+
+def _need(*names):
+  missing = [f'--{name}' for name in names if not flags.FLAGS[name].value]
+  if missing:
+    raise app.UsageError(f'{" and ".join(missing)} required.')
+
+
+def _train():
+  from clm_jax import loop
+
+  loop.run(flags.FLAGS.config, _workdir())
+
+
+def _tokenizer_train():
+  from clm_jax import tokenizer
+
+  _need('input', 'output')
+  tokenizer.train_on_inputs(
+    _INPUT.value,
+    _OUTPUT.value,
+    _VOCAB_SIZE.value,
+    sample_mb=_SAMPLE_MB.value,
+    read_options=_read_options(),
+    languages=_LANGUAGES.value,
+  )
+
+
+def _data_prepare():
+  from clm_jax import tokenizer
+  from clm_jax.data import prepare
+
+  _need('input', 'output')
+  tokenizer_path = _TOKENIZER.value
+  if not tokenizer_path:
+    c = flags.FLAGS.config
+    tokenizer_path = tokenizer.for_corpus(c.data, c.model.vocab_size).path
+    print(f'Tokenizer: {tokenizer_path} (of --config; --tokenizer=MODEL to choose)', flush=True)
+  options = prepare.PrepareOptions(
+    read=_read_options(),
+    languages=tuple(_LANGUAGES.value),
+    near_dup_threshold=_NEAR_DUP.value,
+    heldout_fraction=_HELDOUT.value,
+    shard_mb=_SHARD_MB.value,
+  )
+  prepare.prepare(
+    _INPUT.value,
+    _OUTPUT.value,
+    tokenizer_path,
+    options,
+    workers=_WORKERS.value,
+    keep_work=_KEEP_WORK.value,
+  )
+
+
+_RUN = {'train': _train, 'tokenizer train': _tokenizer_train, 'data prepare': _data_prepare}
+
+
 def main(argv):
-  if len(argv) != 2 or argv[1] not in COMMANDS:
+  command = ' '.join(argv[1:])
+  if command not in _RUN:
     raise app.UsageError(
       f'usage: python -m launch {{{"|".join(COMMANDS)}}} [flags]; got {argv[1:]}'
     )
   logging.get_absl_handler().addFilter(_QuietLibraries())
   # Imported here so that `--help` and usage errors need no JAX start-up.
   from clm_jax import config as config_lib
-  from clm_jax import loop
+  from clm_jax.data import records
 
   try:
-    loop.run(flags.FLAGS.config, _workdir())
-  except config_lib.ConfigError as e:
+    _RUN[command]()
+  except (config_lib.ConfigError, records.DataError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
 
 

@@ -1,15 +1,23 @@
-"""The Grain input pipeline: corpus files to packed batches of token ids.
+"""The Grain input pipeline: documents to packed batches of token ids.
 
-  files of a split -> this process's shard -> (train) shuffle, new order each
-  epoch -> read + tokenize ([bos] + ids + [eos]) in threads -> concat-then-split
-  packing into rows of seq_len, as `data.streams` such streams over disjoint
-  files whose rows are interleaved -> batch -> prefetch in a thread
+  documents of a split, per language (ArrayRecord shards of `data prepare`,
+  or source files tokenized on the fly)
+  -> this process's share (process i of n takes every n-th document)
+  -> (train) seeded shuffle, a new order every epoch, repeat
+  -> weighted mixture over languages (`data.mixture`)
+  -> fill-in-the-middle with probability `data.fim_rate`, then [bos] ... [eos]
+  -> `data.streams` packed streams: concat-then-split into rows of seq_len
+  -> rows of the streams interleaved -> batch -> `data.workers` processes -> prefetch
 
-Each row of a batch holds whole documents and pieces of documents back to
-back. `segment_ids` number them 1, 2, ... within the row (0 marks padding,
-which only the end of a non-repeating dataset has) and `positions` restart at
-0 in every segment, so attention and RoPE never cross a document boundary.
-The iterator checkpoints with Grain's get_state()/set_state().
+Every step before packing is a MapDataset, i.e. a pure function of the index,
+so the only iterator state is positions; Grain's get_state()/set_state() save
+and restore it and a resumed run sees exactly the batches it would have.
+
+Each row holds whole documents and pieces of documents back to back; a long
+document continues in the stream's next row, never truncated. `segment_ids`
+number them 1, 2, ... within the row (0 marks padding, which only the end of
+a non-repeating dataset has) and `positions` restart at 0 in every segment,
+so attention and RoPE never cross a document boundary.
 """
 
 import functools
@@ -20,14 +28,12 @@ import ml_collections
 import numpy as np
 
 from clm_jax import tokenizer as tokenizer_lib
+from clm_jax.data import fim
+from clm_jax.data import records
 from clm_jax.data import sources
 
-SPLITS = ('train', 'heldout')
+SPLITS = records.SPLITS
 
-# Documents read and tokenized ahead of packing, by this many threads. Whole
-# files are a few thousand tokens each, so 64 cover several batches of 2048.
-_READ_THREADS = 1
-_READ_BUFFER = 8
 # Batches packed ahead of the training step, so packing overlaps compute.
 _BATCH_BUFFER = 2
 
@@ -48,25 +54,27 @@ def make_dataset(
 
   Args:
     c_data: The `data` config subtree.
-    tokenizer: Encodes documents; its bos/eos wrap each one and its pad id
-      fills padding.
+    tokenizer: Encodes raw documents; its bos/eos wrap each document, its
+      sentinels mark infilling, and its pad id fills padding.
     seq_len: Tokens per row (T).
     batch_size: Rows per batch on this process.
-    split: 'train' (shuffled with `seed`, reshuffled every epoch) or 'heldout'
-      (files in fixed order).
-    seed: Seeds the train shuffle; ignored for 'heldout'.
+    split: 'train' (shuffled with `seed`, reshuffled every epoch, mixed by
+      `data.mixture`) or 'heldout' (documents in fixed order, not mixed).
+    seed: Seeds the shuffle and fill-in-the-middle.
     shard_index: This process's shard, in [0, shard_count).
-    shard_count: Processes sharing the split; each reads every
-      shard_count-th file, so shards are disjoint.
-    repeat: Cycle through the files forever; else stop after one pass (the
-      last, partial batch is dropped).
+    shard_count: Processes sharing the split; shards are disjoint.
+    repeat: Cycle through the documents forever; else stop after one pass
+      (the last, partial batch is dropped).
 
   Returns:
     An IterDataset of {'tokens', 'segment_ids', 'positions'}, each an int32
     array of shape [batch_size, seq_len].
 
   Raises:
-    ValueError: Bad split, shard or sizes, or a shard with no files.
+    ValueError: Bad split, shard, sizes or mixture, or a shard with no
+      documents.
+    records.DataError: Prepared data missing, corrupt, or made with another
+      tokenizer.
   """
   if split not in SPLITS:
     raise ValueError(f'split={split!r} must be one of {SPLITS}.')
@@ -74,63 +82,140 @@ def make_dataset(
     raise ValueError(f'shard_index={shard_index} not in [0, {shard_count}).')
   if seq_len < 1 or batch_size < 1:
     raise ValueError(f'seq_len={seq_len} and batch_size={batch_size} must be >= 1.')
-  split_list = files_for_split(c_data, split)
-  files = split_list[shard_index::shard_count]
-  if not files:
-    raise ValueError(
-      f'Shard {shard_index} of {shard_count} of the {split} split is empty: the '
-      f'split has {len(split_list)} files (data.path={c_data.path!r}, '
-      f'data.heldout_fraction={c_data.heldout_fraction}).'
-    )
+  if c_data.fim_rate > 0:
+    fim.check_tokenizer(tokenizer)
 
-  # Rows of one packed stream follow each other through a file (a file is
-  # thousands of tokens), so a batch drawn from one stream would hold one or
-  # two files and a gradient as narrow. Packing `data.streams` disjoint file
-  # streams and interleaving their rows gives each batch as many files,
-  # and stays checkpointable (unlike a row shuffle buffer).
-  num_streams = max(1, min(c_data.streams, len(files)))
-  streams = [
-    _packed_stream(
-      files[i::num_streams],
-      tokenizer,
-      seq_len=seq_len,
-      shuffle_seed=seed + i if split == 'train' else None,
-      repeat=repeat,
-    )
-    for i in range(num_streams)
-  ]
+  groups = document_groups(c_data, tokenizer, split)
+  weights = sources.parse_mixture(c_data.mixture) if split == 'train' else {}
+  if weights:
+    missing = set(weights) - set(groups)
+    if missing:
+      raise ValueError(
+        f'data.mixture names {sorted(missing)}, but the {split} split has only '
+        f'{sorted(groups)} (data.source={c_data.source!r}, data.path={c_data.path!r}).'
+      )
+    groups = {language: groups[language] for language in weights}
+  else:
+    # No mixture: every language in its natural proportion, as one sequence.
+    groups = {'all': grain.MapDataset.concatenate([groups[k] for k in sorted(groups)])}
+
+  shards = []
+  for language, ds in groups.items():
+    ds = ds[shard_index::shard_count]
+    if not len(ds):
+      raise ValueError(
+        f'Shard {shard_index} of {shard_count} of the {split} split has no {language} '
+        f'documents (data.source={c_data.source!r}, data.path={c_data.path!r}).'
+      )
+    if split == 'train':
+      # Repeating a shuffled MapDataset reseeds each epoch: a new order per epoch.
+      ds = ds.shuffle(seed + sources.stable_int(language))
+    shards.append(ds.repeat() if repeat else ds)
+  if weights:
+    ds = grain.MapDataset.mix(shards, [weights[language] for language in groups])
+  else:
+    (ds,) = shards
+  ds = ds.random_map(
+    functools.partial(
+      _wrap,
+      tokenizer=tokenizer,
+      fim_rate=c_data.fim_rate,
+      spm_rate=c_data.fim_spm_rate,
+    ),
+    seed=seed,
+  )
+
+  # Rows of one packed stream follow each other through a document, so a batch
+  # drawn from one stream would hold a long document's rows and a gradient as
+  # narrow. Packing `data.streams` streams of different documents and
+  # interleaving their rows gives each batch as many documents, and stays
+  # checkpointable (unlike a row shuffle buffer).
+  num_streams = max(1, min(c_data.streams, len(ds)))
+  streams = [_packed_stream(ds[i::num_streams], seq_len, c_data) for i in range(num_streams)]
   ds = grain.experimental.InterleaveIterDataset(streams, cycle_length=num_streams)
+  ds = ds.map(functools.partial(_rename, pad_id=tokenizer.pad_id))
   ds = ds.batch(batch_size, drop_remainder=True)
+  if c_data.workers:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=c_data.workers))
   return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=_BATCH_BUFFER)
 
 
-def _packed_stream(files, tokenizer, *, seq_len, shuffle_seed, repeat) -> grain.IterDataset:
-  """One stream of files -> documents -> rows of seq_len, in file order."""
-  ds = grain.MapDataset.source([str(path) for path in files])
-  if shuffle_seed is not None:
-    # Repeating a shuffled MapDataset reseeds each epoch: a new order per epoch.
-    ds = ds.shuffle(shuffle_seed)
-  if repeat:
-    ds = ds.repeat()
-  ds = ds.map(functools.partial(_document, tokenizer=tokenizer))
-  ds = ds.to_iter_dataset(
-    grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_READ_BUFFER)
-  )
-  ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={'tokens': seq_len})
-  return ds.map(functools.partial(_rename, pad_id=tokenizer.pad_id))
+def _packed_stream(ds: grain.MapDataset, seq_len: int, c_data) -> grain.IterDataset:
+  # Grain's own packer: documents concatenated and cut into rows of exactly
+  # seq_len; the part of a document that does not fit opens the next row.
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=c_data.read_threads))
+  return grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={'tokens': seq_len})
+
+
+def document_groups(
+  c_data: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer, split: str
+) -> dict[str, grain.MapDataset]:
+  """The documents of a split by language, each a MapDataset of int32 ids.
+
+  Ids exclude BOS and EOS. Nothing is read until an element is asked for.
+  """
+  if c_data.source == 'prepared':
+    directory = pathlib.Path(c_data.path).expanduser()
+    manifest = records.read_manifest(directory)
+    check_tokenizer(manifest, directory, tokenizer)
+    by_language = {}
+    for shard in manifest['splits'][split]:
+      by_language.setdefault(shard['language'], []).append(shard)
+    return {
+      language: grain.MapDataset.source(
+        records.ShardedRecords(
+          [directory / s['file'] for s in shards],
+          [s['records'] for s in shards],
+          manifest['dtype'],
+        )
+      )
+      for language, shards in sorted(by_language.items())
+    }
+  by_language = {}
+  for path in files_for_split(c_data, split):
+    by_language.setdefault(sources.language_of(path), []).append(str(path))
+  encode = functools.partial(_encode_file, tokenizer=tokenizer)
+  return {
+    language: grain.MapDataset.source(paths).map(encode)
+    for language, paths in sorted(by_language.items())
+  }
+
+
+def has_heldout(c_data: ml_collections.ConfigDict) -> bool:
+  """Whether the data has a held-out split to evaluate on."""
+  if c_data.source == 'prepared':
+    manifest = records.read_manifest(c_data.path)
+    return bool(manifest['splits']['heldout'])
+  return c_data.heldout_fraction > 0
+
+
+def check_tokenizer(manifest: dict, directory: pathlib.Path, tokenizer) -> None:
+  """Prepared ids only mean something with the tokenizer that made them."""
+  if records.file_sha256(tokenizer.path) != manifest['tokenizer']['sha256']:
+    raise records.DataError(
+      f'data.path={str(directory)!r} was prepared with its {records.TOKENIZER} '
+      f'(sha256 {manifest["tokenizer"]["sha256"][:12]}...), but the run uses '
+      f'{tokenizer.path}; set data.tokenizer to {directory / records.TOKENIZER} or to "".'
+    )
 
 
 def files_for_split(c_data: ml_collections.ConfigDict, split: str) -> list[pathlib.Path]:
-  """Returns the files of one split of the corpus, in sorted order."""
+  """Returns the files of one split of a raw-source corpus, in sorted order."""
   files = sources.list_files(c_data)
   root = sources.corpus_root(c_data)
   train, heldout = sources.split_files(files, root, c_data.heldout_fraction)
   return train if split == 'train' else heldout
 
 
-def _document(path: str, *, tokenizer: tokenizer_lib.Tokenizer) -> dict:
-  ids = tokenizer.encode(sources.read_text(path))
-  return {'tokens': np.array([tokenizer.bos_id, *ids, tokenizer.eos_id], np.int32)}
+def _encode_file(path: str, *, tokenizer: tokenizer_lib.Tokenizer) -> np.ndarray:
+  return np.asarray(tokenizer.encode(sources.read_text(path)), np.int32)
+
+
+def _wrap(ids, rng, *, tokenizer, fim_rate, spm_rate) -> dict:
+  ids = fim.maybe_permute(ids, rng, tokenizer, fim_rate=fim_rate, spm_rate=spm_rate)
+  tokens = np.empty(ids.size + 2, np.int32)
+  tokens[0], tokens[1:-1], tokens[-1] = tokenizer.bos_id, ids, tokenizer.eos_id
+  return {'tokens': tokens}
 
 
 def _rename(packed: dict, *, pad_id: int) -> dict:

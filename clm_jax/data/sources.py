@@ -1,39 +1,344 @@
-"""Corpus sources: which files make a corpus, and its train/held-out split.
+"""Where documents come from: source trees, JSONL dumps, Parquet files.
 
-A source is named by `data.source` and rooted at `data.path`. The split hashes
-each file's path relative to the root, so every host and every machine agrees
-on it whatever order the files were listed in, and adding a file never moves
-another one across the split.
+Two users read sources. `data prepare` reads any mix of inputs as work units
+(a batch of files, one JSONL file, one Parquet row group) and turns each into
+`Document`s or `Skipped` records, so a bad input is counted, never fatal.
+Training on raw sources (`data.source` 'stdlib' or 'files') lists the code
+files under one root and splits them into train and held-out sets.
+
+Languages are the five of the original run plus 'text', natural language
+about code (Markdown, reStructuredText, plain text).
 """
 
+import dataclasses
+import gzip
 import hashlib
+import json
 import os
 import pathlib
 import sysconfig
+from collections.abc import Iterator
 from collections.abc import Sequence
 
 import ml_collections
 
-SOURCES = ('stdlib',)  # Values `data.source` may take.
+# Values `data.source` may take: this interpreter's standard library, a tree of
+# source files (both tokenized on the fly), or the output of `data prepare`.
+SOURCES = ('stdlib', 'files', 'prepared')
+LANGUAGES = ('python', 'cpp', 'java', 'javascript', 'go', 'text')
 
-# Bigger .py files are generated tables (unicode data, test vectors), not code.
+EXTENSIONS = {
+  '.py': 'python',
+  '.pyi': 'python',
+  '.cc': 'cpp',
+  '.cpp': 'cpp',
+  '.cxx': 'cpp',
+  '.c++': 'cpp',
+  '.h': 'cpp',
+  '.hh': 'cpp',
+  '.hpp': 'cpp',
+  '.hxx': 'cpp',
+  '.java': 'java',
+  '.js': 'javascript',
+  '.mjs': 'javascript',
+  '.cjs': 'javascript',
+  '.jsx': 'javascript',
+  '.go': 'go',
+  '.md': 'text',
+  '.markdown': 'text',
+  '.rst': 'text',
+  '.txt': 'text',
+}
+# Language names as dumps spell them (The Stack: 'C++', 'JavaScript', ...).
+_ALIASES = {
+  'c++': 'cpp',
+  'js': 'javascript',
+  'golang': 'go',
+  'markdown': 'text',
+  'restructuredtext': 'text',
+  'rst': 'text',
+  'plain text': 'text',
+  'natural language': 'text',
+}
+# Drop reasons for inputs that are not usable text at all.
+READ_REASONS = (
+  'unsupported_extension',
+  'unreadable',
+  'binary',
+  'encoding',
+  'empty',
+  'too_large',
+  'bad_json',
+  'missing_field',
+)
+JSONL_SUFFIXES = ('.jsonl', '.jsonl.gz', '.json.gz', '.ndjson')
+
+# Bigger .py files in the standard library are generated tables, not code.
 _MAX_FILE_BYTES = 1 << 20
-# Third-party code installed next to the standard library is not part of it.
-_EXCLUDED_DIRS = frozenset({'site-packages', 'dist-packages', '__pycache__'})
+# Third-party code installed next to the standard library is not part of it,
+# and no tree's VCS metadata or caches are code.
+_EXCLUDED_DIRS = frozenset(
+  {'site-packages', 'dist-packages', '__pycache__', '.git', '.hg', '.svn', 'node_modules'}
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+  text: str
+  language: str
+  source: str  # Where it came from: a path, 'dump.jsonl:12', 'x.parquet:row 5'.
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+  reason: str  # One of READ_REASONS.
+  source: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadOptions:
+  """How records of dumps map to documents, and what is too big."""
+
+  text_field: str = 'content'  # Stack-style dumps keep the file text here.
+  language_field: str = 'language'  # Optional; else the path field's extension.
+  path_field: str = 'path'  # Optional; gives the language when the field above is absent.
+  max_document_bytes: int = 1 << 20  # Bigger documents are data, not code: 'too_large'.
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+  """A piece of preparation work: some files, a JSONL file or a Parquet row group."""
+
+  kind: str  # 'files', 'jsonl' or 'parquet'.
+  path: str  # The JSONL / Parquet file, or the directory the files are under.
+  files: tuple[str, ...] = ()
+  row_group: int = -1
+
+  @property
+  def name(self) -> str:
+    if self.kind == 'files':
+      return f'{self.path} ({len(self.files)} files)'
+    if self.kind == 'parquet':
+      return f'{self.path} row group {self.row_group}'
+    return self.path
+
+
+def language_of(path: str | os.PathLike) -> str | None:
+  """The language of a file by its extension, or None if not a corpus language."""
+  name = os.fspath(path).lower()
+  return EXTENSIONS.get(os.path.splitext(name)[1])
+
+
+def normalize_language(value: str) -> str:
+  """Maps a dump's language label ('C++', 'Python') to ours ('cpp', 'python')."""
+  key = value.strip().lower()
+  return _ALIASES.get(key, key)
+
+
+def parse_mixture(text: str) -> dict[str, float]:
+  """Parses `data.mixture`, e.g. 'python:0.5,cpp:0.3,text:0.2', to weights.
+
+  Raises:
+    ValueError: Malformed entry, repeated or unknown language, or a weight
+      that is not positive.
+  """
+  weights = {}
+  for entry in filter(None, (e.strip() for e in text.split(','))):
+    language, sep, weight = entry.partition(':')
+    language = language.strip()
+    try:
+      value = float(weight)
+    except ValueError:
+      value = float('nan')
+    if not sep or not value > 0 or language in weights:
+      raise ValueError(
+        f'data.mixture={text!r}: bad entry {entry!r}; expected LANGUAGE:WEIGHT with a '
+        'positive weight, each language once.'
+      )
+    if language not in LANGUAGES + ('unknown',):
+      raise ValueError(f'data.mixture={text!r}: {language!r} is not one of {LANGUAGES}.')
+    weights[language] = value
+  return weights
+
+
+def list_units(inputs: Sequence[str], *, files_per_unit: int = 256) -> list[Unit]:
+  """Splits inputs into preparation units, in an order fixed by the inputs.
+
+  Args:
+    inputs: Directories (every file under them, recursively), JSONL / JSONL.gz
+      files, Parquet files, or single source files.
+    files_per_unit: Files of a directory per unit; units are the grain of
+      parallelism and of resuming an interrupted preparation.
+
+  Raises:
+    FileNotFoundError: An input does not exist.
+  """
+  units = []
+  for raw in inputs:
+    path = pathlib.Path(raw).expanduser()
+    if path.is_dir():
+      files = _walk(path)
+      for start in range(0, len(files), files_per_unit):
+        chunk = tuple(str(p) for p in files[start : start + files_per_unit])
+        units.append(Unit('files', str(path), chunk))
+    elif not path.exists():
+      raise FileNotFoundError(f'--input: {path} does not exist.')
+    elif path.name.lower().endswith(JSONL_SUFFIXES):
+      units.append(Unit('jsonl', str(path)))
+    elif path.name.lower().endswith('.parquet'):
+      units.extend(Unit('parquet', str(path), row_group=i) for i in range(_row_groups(path)))
+    else:
+      units.append(Unit('files', str(path.parent), (str(path),)))
+  return units
+
+
+def read_unit(unit: Unit, options: ReadOptions) -> Iterator[Document | Skipped]:
+  """Yields a unit's documents, and a `Skipped` for each unusable input in it."""
+  if unit.kind == 'files':
+    for path in unit.files:
+      yield read_file(path, options)
+  elif unit.kind == 'jsonl':
+    yield from _read_jsonl(unit.path, options)
+  elif unit.kind == 'parquet':
+    yield from _read_parquet(unit.path, unit.row_group, options)
+  else:
+    raise ValueError(f'Unknown unit kind {unit.kind!r}.')
+
+
+def read_file(path: str, options: ReadOptions) -> Document | Skipped:
+  """Reads one source file, or says why it is not a usable document."""
+  language = language_of(path)
+  if language is None:
+    return Skipped('unsupported_extension', path)
+  try:
+    if os.path.getsize(path) > options.max_document_bytes:
+      return Skipped('too_large', path)
+    with open(path, 'rb') as f:
+      data = f.read()
+  except OSError:
+    return Skipped('unreadable', path)
+  return _document(data, language, path, options)
+
+
+def _document(data: bytes, language: str, source: str, options: ReadOptions):
+  if len(data) > options.max_document_bytes:
+    return Skipped('too_large', source)
+  if b'\0' in data:
+    return Skipped('binary', source)
+  try:
+    text = data.decode('utf-8')
+  except UnicodeDecodeError:
+    return Skipped('encoding', source)
+  return _text_document(text, language, source)
+
+
+def _text_document(text: str, language: str, source: str):
+  if not text.strip():
+    return Skipped('empty', source)
+  if '\0' in text:
+    return Skipped('binary', source)
+  return Document(text, language, source)
+
+
+def _record_language(record: dict, options: ReadOptions) -> str:
+  value = record.get(options.language_field) if options.language_field else None
+  if isinstance(value, str) and value:
+    return normalize_language(value)
+  path = record.get(options.path_field) if options.path_field else None
+  if isinstance(path, str):
+    return language_of(path) or 'unknown'
+  return 'unknown'
+
+
+def _record_document(record, options: ReadOptions, source: str):
+  if not isinstance(record, dict):
+    return Skipped('bad_json', source)
+  text = record.get(options.text_field)
+  if not isinstance(text, str):
+    return Skipped('missing_field', source)
+  if len(text) > options.max_document_bytes or len(text.encode()) > options.max_document_bytes:
+    return Skipped('too_large', source)
+  return _text_document(text, _record_language(record, options), source)
+
+
+def _read_jsonl(path: str, options: ReadOptions) -> Iterator[Document | Skipped]:
+  opener = gzip.open if path.lower().endswith('.gz') else open
+  line_number = 0
+  try:
+    with opener(path, 'rb') as f:
+      for line_number, line in enumerate(f, start=1):
+        source = f'{path}:{line_number}'
+        if not line.strip():
+          continue
+        try:
+          record = json.loads(line)
+        except UnicodeDecodeError:
+          yield Skipped('encoding', source)
+          continue
+        except ValueError:
+          yield Skipped('bad_json', source)
+          continue
+        yield _record_document(record, options, source)
+  except (OSError, EOFError, gzip.BadGzipFile):
+    # A truncated or corrupt file: what was read stays, the rest is one skip.
+    yield Skipped('unreadable', f'{path}:{line_number + 1}')
+
+
+def _row_groups(path: pathlib.Path) -> int:
+  import pyarrow.parquet as pq  # noqa: PLC0415  Only Parquet inputs need pyarrow.
+
+  try:
+    return pq.ParquetFile(path).num_row_groups
+  except Exception:  # noqa: BLE001  pyarrow raises many types; the unit reports it.
+    return 1  # One unit that reads as 'unreadable'.
+
+
+def _read_parquet(path: str, row_group: int, options: ReadOptions):
+  import pyarrow.parquet as pq  # noqa: PLC0415
+
+  try:
+    pf = pq.ParquetFile(path)
+    names = set(pf.schema_arrow.names)
+    columns = [
+      name
+      for name in (options.text_field, options.language_field, options.path_field)
+      if name and name in names
+    ]
+    table = pf.read_row_group(row_group, columns=columns)
+  except Exception:  # noqa: BLE001
+    yield Skipped('unreadable', f'{path} row group {row_group}')
+    return
+  offset = sum(pf.metadata.row_group(i).num_rows for i in range(row_group))
+  for i, record in enumerate(table.to_pylist()):
+    yield _record_document(record, options, f'{path}:row {offset + i}')
+
+
+def _walk(root: pathlib.Path) -> list[pathlib.Path]:
+  """Every file under root, outside excluded directories, sorted by relative path."""
+  files = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    # Pruning in place keeps os.walk out of site-packages, which can hold many
+    # times more files than the standard library itself.
+    dirnames[:] = [d for d in dirnames if d not in _EXCLUDED_DIRS]
+    files.extend(pathlib.Path(dirpath, name) for name in filenames)
+  files.sort(key=lambda p: p.relative_to(root).as_posix())
+  return files
 
 
 def corpus_root(c_data: ml_collections.ConfigDict) -> pathlib.Path:
-  """Returns the resolved root directory of the corpus.
+  """Returns the resolved root directory of a raw-source corpus.
 
   Args:
-    c_data: The `data` config subtree.
+    c_data: The `data` config subtree, with source 'stdlib' or 'files'.
 
   Raises:
-    ValueError: `data.source` is not one of `SOURCES`.
+    ValueError: `data.source` is not a raw source.
     FileNotFoundError: The root (`data.path`, or the default) is no directory.
   """
-  if c_data.source not in SOURCES:
-    raise ValueError(f'data.source={c_data.source!r} is unknown; expected one of {SOURCES}.')
+  if c_data.source not in ('stdlib', 'files'):
+    raise ValueError(f'data.source={c_data.source!r} is not a raw-source corpus.')
+  if c_data.source == 'files' and not c_data.path:
+    raise ValueError("data.source='files' needs data.path, the root of the source tree.")
   root = pathlib.Path(c_data.path or sysconfig.get_paths()['stdlib']).expanduser()
   if not root.is_dir():
     raise FileNotFoundError(f'data.path={c_data.path!r}: corpus directory {root} does not exist.')
@@ -41,11 +346,12 @@ def corpus_root(c_data: ml_collections.ConfigDict) -> pathlib.Path:
 
 
 def list_files(c_data: ml_collections.ConfigDict) -> list[pathlib.Path]:
-  """Lists the corpus files, sorted by their path relative to the root.
+  """Lists the files of a raw-source corpus, sorted by path relative to the root.
 
-  For source 'stdlib' these are the *.py files under the root, outside
-  site-packages and dist-packages, that are valid UTF-8, at most 1 MiB and not
-  blank (empty `__init__.py` files would teach the model only BOS then EOS).
+  These are the files of a corpus language (for 'stdlib', only *.py) outside
+  excluded directories (site-packages, VCS metadata) that are valid UTF-8, at
+  most 1 MiB and not blank (empty `__init__.py` files would teach the model
+  only BOS then EOS).
 
   Args:
     c_data: The `data` config subtree.
@@ -54,23 +360,21 @@ def list_files(c_data: ml_collections.ConfigDict) -> list[pathlib.Path]:
     Absolute paths under `corpus_root(c_data)`.
 
   Raises:
-    ValueError: Unknown `data.source`, or no usable file under the root.
+    ValueError: Not a raw source, or no usable file under the root.
     FileNotFoundError: `data.path` does not exist.
   """
   root = corpus_root(c_data)
+  options = ReadOptions(max_document_bytes=_MAX_FILE_BYTES)
   files = []
-  for dirpath, dirnames, filenames in os.walk(root):
-    # Pruning in place keeps os.walk out of site-packages, which can hold
-    # many times more files than the standard library itself.
-    dirnames[:] = [d for d in dirnames if d not in _EXCLUDED_DIRS]
-    for name in filenames:
-      path = pathlib.Path(dirpath, name)
-      if name.endswith('.py') and _is_usable(path):
-        files.append(path)
-  files.sort(key=lambda p: p.relative_to(root).as_posix())
+  for path in _walk(root):
+    # The standard library's corpus is its *.py files, as it always was.
+    if c_data.source == 'stdlib' and path.suffix != '.py' or language_of(path) is None:
+      continue
+    if isinstance(read_file(str(path), options), Document):
+      files.append(path)
   if not files:
     raise ValueError(
-      f'data.path={c_data.path!r}: no usable *.py file under {root} '
+      f'data.path={c_data.path!r}: no usable source file under {root} '
       f'(data.source={c_data.source!r}).'
     )
   return files
@@ -81,10 +385,13 @@ def split_files(
 ) -> tuple[list[pathlib.Path], list[pathlib.Path]]:
   """Splits files into train and held-out sets by a hash of their path.
 
+  The hash covers the path relative to the root, so every host and machine
+  agrees on the split whatever order the files were listed in, and adding a
+  file never moves another one across it.
+
   Args:
     files: Corpus files, all under `root`.
-    root: The corpus root; the hash covers the path relative to it, so the
-      split does not depend on where the corpus is installed.
+    root: The corpus root.
     heldout_fraction: Expected fraction of files held out, in [0, 1).
 
   Returns:
@@ -111,18 +418,24 @@ def split_files(
   return train, [path for path in files if path in heldout]
 
 
-def unit_hash(text: str, salt: str = '') -> float:
+def unit_hash(text: str | bytes, salt: str = '') -> float:
   """Maps text to a float in [0, 1), the same on every machine and run.
 
   Python's hash() is salted per process, so a split made with it would differ
   between hosts; SHA-256 does not.
 
   Args:
-    text: What to hash, e.g. a relative path.
+    text: What to hash, e.g. a relative path or a content digest.
     salt: Gives an independent hash for another purpose (e.g. sampling).
   """
-  digest = hashlib.sha256(f'{salt}\0{text}'.encode()).digest()
+  data = text if isinstance(text, bytes) else text.encode()
+  digest = hashlib.sha256(salt.encode() + b'\0' + data).digest()
   return int.from_bytes(digest[:8], 'big') / 2**64
+
+
+def stable_int(text: str) -> int:
+  """A non-negative int of text, the same everywhere (e.g. a per-language seed)."""
+  return int(unit_hash(text, 'int') * 2**31)
 
 
 def read_text(path: pathlib.Path | str) -> str:
@@ -133,13 +446,3 @@ def read_text(path: pathlib.Path | str) -> str:
   """
   with open(path, encoding='utf-8', newline='') as f:
     return f.read()
-
-
-def _is_usable(path: pathlib.Path) -> bool:
-  if not path.is_file() or path.stat().st_size > _MAX_FILE_BYTES:
-    return False
-  try:
-    text = read_text(path)
-  except (UnicodeDecodeError, OSError):
-    return False
-  return bool(text.strip())
