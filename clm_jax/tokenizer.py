@@ -245,7 +245,7 @@ def train_on_inputs(
   vocab_size: int,
   *,
   sample_mb: float,
-  read_options: sources.ReadOptions = sources.ReadOptions(),
+  read_options: sources.ReadOptions | None = None,
   languages: Sequence[str] = (),
   verbose: bool = True,
 ) -> Tokenizer:
@@ -261,11 +261,12 @@ def train_on_inputs(
     vocab_size: Pieces in the model.
     sample_mb: Megabytes of text to train on, sampled uniformly by a hash of
       each document's content (the same sample whatever the input order).
-    read_options: Fields of JSONL / Parquet records.
+    read_options: Fields of JSONL / Parquet records; None = the defaults.
     languages: Only documents of these languages; () = all.
     verbose: Print reading progress and sentencepiece's training log.
   """
   units = sources.list_units(inputs)
+  read_options = read_options or sources.ReadOptions()
   documents = skipped = read = 0
 
   def texts():
