@@ -12,6 +12,13 @@ The original mesh was data 4 x tensor 8 x pipeline 4 (tensor within a node of
 8, pipeline across nodes). Until the pipeline schedule lands, the pipeline
 axis is folded into data with ZeRO-3 (mesh.fsdp) so the state still fits:
 data 16 x tensor 8 x pipeline 1.
+
+Data: the output of `python -m launch data prepare` at data/codellama (see
+the README), mixed as the paper's Table 1 gives it: 85% code, 8% natural
+language about code and 7% natural language, the last two both 'text' here.
+The paper does not publish the split between the five languages; equal
+shares are this config's assumption. CodeLlama-34B was trained without
+infilling, so fim_rate is 0.
 """
 
 from configs import base
@@ -35,4 +42,9 @@ def get_config():
   c.train.microbatches = 16
   c.train.eval_every = 1000
   c.checkpoint.every = 250
+  c.data.source = 'prepared'
+  c.data.path = 'data/codellama'
+  c.data.mixture = 'python:0.17,cpp:0.17,java:0.17,javascript:0.17,go:0.17,text:0.15'
+  c.data.fim_rate = 0.0
+  c.data.workers = 4  # Per host: tokens/s needed per host is ~9k, far below one worker.
   return c

@@ -10,10 +10,11 @@ import ml_collections
 import pytest
 
 from clm_jax import config as config_lib
+from clm_jax.data import sources
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / 'configs'
 # Devices each config is meant for (the rest run anywhere with -1 filling).
-DEVICES = {'codellama_34b': 128}
+DEVICES = {'codellama_34b': 128, 'codellama_7b': 128}
 
 
 def _load(path):
@@ -53,6 +54,15 @@ def test_codellama_34b_is_the_original_run():
   assert (o.peak_lr, o.warmup_steps, o.b1, o.b2, o.eps) == (3e-4, 2000, 0.9, 0.95, 1e-6)
   assert (o.weight_decay, o.clip_norm) == (0.1, 1.0)
   assert config_lib.mesh_shape(c.mesh, 128) == (16, 8, 1)
+  weights = sources.parse_mixture(c.data.mixture)
+  assert set(weights) == set(sources.LANGUAGES) and sum(weights.values()) == pytest.approx(1)
+  assert weights['text'] == pytest.approx(0.15) and c.data.fim_rate == 0
+
+
+def test_codellama_7b_trains_with_infilling():
+  c = _load(CONFIGS / 'codellama_7b.py')
+  assert (c.model.num_layers, c.model.d_model, c.model.num_kv_heads) == (32, 4096, 32)
+  assert (c.data.fim_rate, c.data.fim_spm_rate) == (0.9, 0.5)
 
 
 BAD = [
@@ -91,6 +101,11 @@ BAD = [
   ({'model.dtype': 'bf16'}, 1, "model.dtype: 'bf16' is not one of"),
   ({'train.loss_chunk_len': 5}, 1, 'train.loss_chunk_len=5 must be 0 or divide'),
   ({'data.heldout_fraction': 1.0}, 1, 'data.heldout_fraction'),
+  ({'data.fim_rate': 1.5}, 1, 'data.fim_rate: must be in [0, 1]'),
+  ({'data.mixture': 'python=1'}, 1, "data.mixture='python=1': bad entry"),
+  ({'data.mixture': 'python:0.5,rust:0.5'}, 1, "'rust' is not one of"),
+  ({'data.source': 'prepared'}, 1, "data.path: data.source='prepared' needs a path"),
+  ({'data.workers': -1}, 1, 'data.workers: must be >= 0'),
 ]
 
 

@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 
 from clm_jax import tokenizer
+from clm_jax.data import fim
 from clm_jax.data import pipeline
+from clm_jax.data import prepare
+from clm_jax.data import records
 from clm_jax.data import sources
 from configs import base
 
@@ -259,7 +262,8 @@ def test_process_shards_are_disjoint(corpus, tok):
   assert collections.Counter(shards[0]) + collections.Counter(shards[1]) == everything
 
 
-def test_restored_state_resumes_the_same_batches(corpus, tok):
+@pytest.mark.parametrize('consumed', [1, 2, 5, 20])
+def test_restored_state_resumes_the_same_batches(corpus, tok, consumed):
   root, _ = corpus
   c_data = _data_config(path=str(root))
 
@@ -267,7 +271,7 @@ def test_restored_state_resumes_the_same_batches(corpus, tok):
     return pipeline.make_dataset(c_data, tok, seq_len=SEQ_LEN, batch_size=3, split='train', seed=1)
 
   it = iter(make())
-  for _ in range(20):  # Past the first epoch boundary and mid-document.
+  for _ in range(consumed):  # 20: past the first epoch boundary and mid-document.
     next(it)
   # Checkpoints store the state as JSON; it must survive that.
   state = json.loads(json.dumps(it.get_state()))
@@ -293,3 +297,139 @@ def test_make_dataset_rejects_bad_arguments(corpus, tok):
     pipeline.make_dataset(c_data, tok, split='heldout', shard_index=1, shard_count=2, **common)
   with pytest.raises(ValueError, match='shard_index'):
     pipeline.make_dataset(c_data, tok, split='train', shard_index=2, shard_count=2, **common)
+
+
+LANGUAGE_FILES = {'python': 'py', 'go': 'go', 'text': 'md'}
+
+
+@pytest.fixture(scope='module')
+def prepared(tmp_path_factory, tok):
+  """A prepared directory of 3 languages x 30 distinct documents; {ids: language}."""
+  root = tmp_path_factory.mktemp('prepared')
+  for language, ext in LANGUAGE_FILES.items():
+    for i in range(30):
+      lines = ''.join(
+        f'def {language}_{i}_{k}(value):\n  return value + {k}\n' for k in range(2 + i % 7)
+      )
+      (root / 'tree' / language).mkdir(parents=True, exist_ok=True)
+      (root / 'tree' / language / f'doc{i}.{ext}').write_text(lines)
+  options = prepare.PrepareOptions(heldout_fraction=0.1, near_dup_threshold=0)
+  manifest = prepare.prepare([str(root / 'tree')], root / 'out', tok.path, options, progress=False)
+  languages = {}
+  for split in records.SPLITS:
+    for shard in manifest['splits'][split]:
+      for record in records.read_shard(root / 'out' / shard['file']):
+        ids, meta = records.decode(record, manifest['dtype'])
+        languages[(split, (tok.bos_id, *ids, tok.eos_id))] = meta['language']
+  assert len(languages) == 90
+  return root / 'out', languages
+
+
+def _prepared_config(path, **overrides):
+  return _data_config(source='prepared', path=str(path), **overrides)
+
+
+def test_prepared_rows_hold_every_document_once(prepared, tok):
+  path, languages = prepared
+  for split in records.SPLITS:
+    ds = pipeline.make_dataset(
+      _prepared_config(path, streams=1),
+      tok,
+      seq_len=SEQ_LEN,
+      batch_size=1,
+      split=split,
+      seed=0,
+      repeat=False,
+    )
+    want = sorted(doc for s, doc in languages if s == split)
+    assert sorted(_documents(list(ds))) == want
+
+
+def test_mixture_weights_the_languages(prepared, tok):
+  path, languages = prepared
+  by_doc = {doc: language for (split, doc), language in languages.items() if split == 'train'}
+  c_data = _prepared_config(path, streams=1, mixture='python:0.7,go:0.3')
+  ds = pipeline.make_dataset(c_data, tok, seq_len=SEQ_LEN, batch_size=4, split='train', seed=0)
+  docs = _documents(_take(ds, 300))[:-1]  # The last may be cut.
+  counts = collections.Counter(by_doc[doc] for doc in docs)
+  assert set(counts) == {'python', 'go'} and len(docs) > 600
+  assert abs(counts['python'] / len(docs) - 0.7) < 0.06
+
+
+def test_mixture_errors_name_the_language(prepared, tok):
+  path, _ = prepared
+  common = dict(seq_len=SEQ_LEN, batch_size=1, seed=0, split='train')
+  with pytest.raises(ValueError, match=r"names \['java'\]"):
+    pipeline.make_dataset(_prepared_config(path, mixture='java:1'), tok, **common)
+  with pytest.raises(ValueError, match='cobol'):
+    pipeline.make_dataset(_prepared_config(path, mixture='cobol:1'), tok, **common)
+
+
+def test_fim_rows_restore_to_the_documents(prepared, tok):
+  path, languages = prepared
+  texts = collections.Counter(tok.decode(doc) for (split, doc) in languages if split == 'train')
+  c_data = _prepared_config(path, streams=1, fim_rate=1.0)
+  ds = pipeline.make_dataset(
+    c_data, tok, seq_len=SEQ_LEN, batch_size=1, split='train', seed=0, repeat=False
+  )
+  docs = _documents(list(ds))
+  assert all(doc[0] == tok.bos_id and doc[-1] == tok.eos_id for doc in docs)
+  assert all(doc[1] == tok.sentinels['prefix'] for doc in docs)
+  assert collections.Counter(fim.restore(doc[1:-1], tok) for doc in docs) == texts
+  spm = sum(doc[2] == tok.sentinels['suffix'] for doc in docs)
+  assert 0 < spm < len(docs)
+
+
+def test_prepared_process_shards_are_disjoint_and_cover(prepared, tok):
+  path, languages = prepared
+  found = collections.Counter()
+  for i in range(2):
+    ds = pipeline.make_dataset(
+      _prepared_config(path, streams=1),
+      tok,
+      seq_len=SEQ_LEN,
+      batch_size=1,
+      split='train',
+      seed=0,
+      shard_index=i,
+      shard_count=2,
+      repeat=False,
+    )
+    found.update(_documents(list(ds)))
+  assert found == collections.Counter(doc for s, doc in languages if s == 'train')
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_prepared_stream_resumes_exactly(prepared, tok, workers):
+  path, _ = prepared
+  c_data = _prepared_config(path, workers=workers, fim_rate=0.5)
+
+  def make():
+    return pipeline.make_dataset(c_data, tok, seq_len=SEQ_LEN, batch_size=2, split='train', seed=1)
+
+  it = iter(make())
+  first = [next(it) for _ in range(12)]
+  state = json.loads(json.dumps(it.get_state()))
+  expected = [next(it) for _ in range(4)]
+  it.close()
+  again = iter(make())
+  for want in first:
+    np.testing.assert_array_equal(next(again)['tokens'], want['tokens'])
+  again.close()
+  resumed = iter(make())
+  resumed.set_state(state)
+  for want in expected:
+    got = next(resumed)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+  resumed.close()
+
+
+def test_prepared_data_needs_its_own_tokenizer(prepared, tok, tmp_path):
+  path, _ = prepared
+  texts = [sources.read_text(p) for p in sources.list_files(_data_config())[:30]]
+  other = tokenizer.train(texts, tmp_path / 'other.model', 600)
+  with pytest.raises(records.DataError, match='was prepared with its tokenizer.model'):
+    pipeline.make_dataset(
+      _prepared_config(path), other, seq_len=SEQ_LEN, batch_size=1, split='train', seed=0
+    )

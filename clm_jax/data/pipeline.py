@@ -26,6 +26,7 @@ import pathlib
 import grain
 import ml_collections
 import numpy as np
+from absl import flags
 
 from clm_jax import tokenizer as tokenizer_lib
 from clm_jax.data import fim
@@ -132,12 +133,84 @@ def make_dataset(
   # checkpointable (unlike a row shuffle buffer).
   num_streams = max(1, min(c_data.streams, len(ds)))
   streams = [_packed_stream(ds[i::num_streams], seq_len, c_data) for i in range(num_streams)]
-  ds = grain.experimental.InterleaveIterDataset(streams, cycle_length=num_streams)
+  ds = RoundRobinIterDataset(streams)
   ds = ds.map(functools.partial(_rename, pad_id=tokenizer.pad_id))
   ds = ds.batch(batch_size, drop_remainder=True)
   if c_data.workers:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=c_data.workers))
+    # Grain's worker start-up reads its absl flags; outside an absl app (a
+    # notebook, pytest) nothing parsed them, and their defaults are right.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=c_data.workers))
   return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=_BATCH_BUFFER)
+
+
+class RoundRobinIterDataset(grain.IterDataset):
+  """The elements of several datasets in turn; an exhausted one drops out.
+
+  Grain's InterleaveIterDataset would do, but it prefetches its parents in
+  threads, and under mp_prefetch it hands whole parents to workers (a worker
+  with none fails). A fixed turn keeps the state exact and simple: the next
+  turn plus every parent's own state.
+  """
+
+  def __init__(self, parents: list[grain.IterDataset]):
+    super().__init__(parents)
+
+  def __iter__(self):
+    return _RoundRobinIterator([iter(parent) for parent in self._parents])
+
+
+class _RoundRobinIterator(grain.DatasetIterator):
+  def __init__(self, parents):
+    super().__init__(parents)
+    self._turn = 0
+    self._done = set()
+
+  def __next__(self):
+    for _ in range(len(self._parents)):
+      turn = self._turn
+      self._turn = (turn + 1) % len(self._parents)
+      if turn not in self._done:
+        try:
+          return next(self._parents[turn])
+        except StopIteration:
+          self._done.add(turn)
+    raise StopIteration
+
+  def get_state(self) -> dict:
+    return {
+      'turn': self._turn,
+      'done': sorted(self._done),
+      'parents': [parent.get_state() for parent in self._parents],
+    }
+
+  def set_state(self, state: dict) -> None:
+    self._turn, self._done = state['turn'], set(state['done'])
+    for parent, parent_state in zip(self._parents, state['parents'], strict=True):
+      parent.set_state(_untangle_json(parent_state))
+
+
+def _untangle_json(state):
+  """Undoes what a JSON round trip does to ConcatThenSplit's state.
+
+  Checkpoints store iterator states as JSON, which turns the packer's
+  'remainder_slices' tuples into lists; Grain 0.2.18 then compares them with
+  its (-1, -1) "no remainder" tuple, takes every state for one with a
+  remainder, and resumes at the wrong row.
+  """
+  if isinstance(state, dict):
+    return {
+      key: (
+        {k: tuple(v) for k, v in value.items()}
+        if key == 'remainder_slices'
+        else _untangle_json(value)
+      )
+      for key, value in state.items()
+    }
+  if isinstance(state, list):
+    return [_untangle_json(value) for value in state]
+  return state
 
 
 def _packed_stream(ds: grain.MapDataset, seq_len: int, c_data) -> grain.IterDataset:

@@ -39,7 +39,7 @@ class PrepareOptions:
   """Everything besides the inputs that decides what a preparation writes."""
 
   read: sources.ReadOptions = sources.ReadOptions()
-  filters: filters.FilterOptions = filters.FilterOptions()
+  quality: filters.FilterOptions = filters.FilterOptions()
   languages: tuple[str, ...] = ()  # Keep only these languages; () keeps all.
   near_dup_threshold: float = 0.85  # MinHash Jaccard at which a document is a copy; 0 = off.
   num_perm: int = 128  # MinHash permutations: more is a finer Jaccard estimate, slower.
@@ -100,7 +100,7 @@ def prepare(
   if not keep_work:
     shutil.rmtree(work)
   _summary(output, manifest)
-  return manifest
+  return json.loads((output / records.MANIFEST).read_text())  # As a reader will see it.
 
 
 def _claim(work, inputs, units, tok, options) -> None:
@@ -184,7 +184,7 @@ def _process_unit(index, unit, work, tokenizer_path, options) -> dict:
       else:
         path = item.source if unit.kind == 'files' else ''
         reason = filters.drop_reason(
-          item.text, path=path, language=item.language, options=options.filters
+          item.text, path=path, language=item.language, options=options.quality
         )
       if reason:
         dropped[reason] = dropped.get(reason, 0) + 1
