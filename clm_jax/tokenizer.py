@@ -337,13 +337,21 @@ def for_corpus(
   Raises:
     ValueError: The given tokenizer has more pieces than `vocab_size`.
   """
-  if c_data.tokenizer or c_data.source == 'prepared':
+  given = c_data.tokenizer
+  if c_data.source == 'prepared' and not given:
     # Prepared ids belong to the tokenizer stored beside them.
-    tokenizer = load(c_data.tokenizer or pathlib.Path(c_data.path).expanduser() / 'tokenizer.model')
+    given = pathlib.Path(c_data.path).expanduser() / 'tokenizer.model'
+    if not given.is_file():
+      raise FileNotFoundError(
+        f'data.path={c_data.path!r} has no tokenizer.model: it is not the output of '
+        '`python -m launch data prepare`.'
+      )
+  if given:
+    tokenizer = load(given)
     if tokenizer.vocab_size > vocab_size:
       raise ValueError(
-        f'data.tokenizer={c_data.tokenizer!r} has {tokenizer.vocab_size} '
-        f'pieces but model.vocab_size={vocab_size}; raise model.vocab_size.'
+        f'Tokenizer {given} has {tokenizer.vocab_size} pieces but '
+        f'model.vocab_size={vocab_size}; raise model.vocab_size.'
       )
     return tokenizer
   root = sources.corpus_root(c_data)

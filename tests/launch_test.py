@@ -6,6 +6,7 @@ import pathlib
 import struct
 import subprocess
 import sys
+import sysconfig
 
 from tensorboardX.proto import event_pb2
 
@@ -93,3 +94,68 @@ def test_train_writes_the_workdir_contract_and_resumes(tmp_path):
   steps = [m['step'] for m in lines if 'loss' in m]
   assert steps == [1, 5, 10, 15, 20, 25, 30, 35, 40, 41, 45, 50]
   assert (workdir / 'checkpoints' / '50').exists()
+
+
+def _launch(*args, cache, check=True):
+  env = {**os.environ, 'CLM_JAX_CACHE': str(cache), 'JAX_PLATFORMS': 'cpu'}
+  env.pop('XLA_FLAGS', None)
+  out = subprocess.run(
+    [sys.executable, '-m', 'launch', *args],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=env,
+    timeout=600,
+  )
+  if check:
+    assert out.returncode == 0, out.stderr[-4000:]
+  return out
+
+
+def test_tokenizer_train_then_data_prepare_then_train_on_it(tmp_path):
+  stdlib = pathlib.Path(sysconfig.get_paths()['stdlib'])
+  tree = tmp_path / 'tree'
+  tree.mkdir()
+  for path in sorted(stdlib.glob('*.py'))[:80]:
+    (tree / path.name).write_bytes(path.read_bytes())
+  for i in range(10):
+    (tree / f'NOTES{i}.md').write_text(
+      f'# Notes {i}\n\nModule group {i} of the standard library.\n'
+    )
+  cache = tmp_path / 'cache'
+  tok = tmp_path / 'code.model'
+  _launch(
+    'tokenizer', 'train', f'--input={tree}', f'--output={tok}', '--vocab_size=512',
+    '--sample_mb=1', cache=cache,
+  )  # fmt: skip
+  data = tmp_path / 'data'
+  out = _launch(
+    'data', 'prepare', f'--input={tree}', f'--output={data}', f'--tokenizer={tok}',
+    '--workers=2', '--heldout_fraction=0.1', cache=cache,
+  )  # fmt: skip
+  assert 'Prepared' in out.stdout
+  manifest = json.loads((data / 'manifest.json').read_text())
+  assert set(manifest['languages']) == {'python', 'text'}
+  assert manifest['splits']['heldout']
+
+  workdir = tmp_path / 'run'
+  _train(
+    workdir,
+    cache,
+    '--config.train.steps=3',
+    '--config.data.source=prepared',
+    f'--config.data.path={data}',
+    '--config.data.mixture=python:0.9,text:0.1',
+    '--config.data.fim_rate=0.5',
+  )
+  assert (workdir / 'tokenizer.model').read_bytes() == tok.read_bytes()
+  lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert any('eval_loss' in m for m in lines)
+
+  out = _launch(
+    'train', f'--workdir={tmp_path / "bad"}', f'--config.data.path={tmp_path / "nowhere"}',
+    '--config.data.source=prepared', cache=cache, check=False,
+  )  # fmt: skip
+  assert out.returncode != 0
+  assert 'error: data.path=' in out.stderr and 'data prepare' in out.stderr
+  assert 'Traceback' not in out.stderr

@@ -1,5 +1,6 @@
 """Tests of clm_jax.tokenizer: lossless round trips, special ids, caching."""
 
+import concurrent.futures
 import os
 import pathlib
 import random
@@ -62,11 +63,18 @@ def test_round_trip_is_byte_exact(tok, text):
   assert all(0 <= i < tok.vocab_size for i in ids)
 
 
-def test_round_trip_on_stdlib_files(tok):
+def test_round_trip_on_every_stdlib_file(tok):
   files = sources.list_files(_data_config())
-  for path in files[:: len(files) // 12]:
+  assert len(files) > 1000
+
+  def round_trips(path):
     text = sources.read_text(path)
-    assert tok.decode(tok.encode(text)) == text, path
+    return tok.decode(tok.encode(text)) == text
+
+  # sentencepiece releases the GIL, so threads use every core.
+  with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+    failed = [p for p, ok in zip(files, pool.map(round_trips, files), strict=True) if not ok]
+  assert not failed
 
 
 def test_random_unicode_never_maps_to_unk(tok):
@@ -228,3 +236,35 @@ def test_long_lines_are_cut_not_skipped(tmp_path):
   trained = tokenizer.train([line] * 2, tmp_path / 'long.model', 280)
   assert trained.id_to_piece(trained.encode('abcdefgh')[0]) != '<0x61>'
   assert [p.name for p in tmp_path.iterdir()] == ['long.model']
+
+
+def test_sample_is_bounded_and_independent_of_order():
+  texts = [f'def f{i}():\n  return {i}\n' * (1 + i % 13) for i in range(500)]
+  max_bytes = 20_000
+  sample = tokenizer.sample_texts(iter(texts), max_bytes)
+  assert sum(len(t.encode()) for t in sample) <= max_bytes
+  assert len(sample) > 50
+  shuffled = random.Random(0).sample(texts, len(texts))
+  assert tokenizer.sample_texts(shuffled, max_bytes) == sample
+  # Bottom-k by hash: everything kept hashes below everything left out.
+  key = lambda t: sources.unit_hash(t, 'tokenizer-sample')  # noqa: E731
+  assert max(map(key, sample)) < min(key(t) for t in texts if t not in sample)
+
+
+def test_train_on_inputs_reads_trees_and_dumps_skipping_bad_input(tmp_path, capsys):
+  root = pathlib.Path(sources.corpus_root(_data_config()))
+  tree = tmp_path / 'tree'
+  tree.mkdir()
+  for path in sorted(root.glob('*.py'))[:40]:
+    (tree / path.name).write_bytes(path.read_bytes())
+  (tree / 'bad.py').write_bytes(b'\xff\xfe not utf-8')
+  dump = tmp_path / 'dump.jsonl'
+  dump.write_text('{"content": "package main\\nfunc main() {}\\n", "language": "Go"}\n{oops\n')
+  tok = tokenizer.train_on_inputs(
+    [str(tree), str(dump)], tmp_path / 'code.model', 600, sample_mb=0.5, verbose=False
+  )
+  assert tok.vocab_size == 600
+  text = (tree / 'abc.py').read_text()
+  assert tok.decode(tok.encode(text)) == text
+  with pytest.raises(ValueError, match='no usable document'):
+    tokenizer.train_on_inputs([str(dump)], tmp_path / 'x.model', 600, sample_mb=0, verbose=False)

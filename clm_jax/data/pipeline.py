@@ -72,9 +72,9 @@ def make_dataset(
     array of shape [batch_size, seq_len].
 
   Raises:
-    ValueError: Bad split, shard, sizes or mixture, or a shard with no
-      documents.
-    records.DataError: Prepared data missing, corrupt, or made with another
+    ValueError: Bad split, shard or sizes.
+    records.DataError: The data lacks a language the mixture names, leaves a
+      shard with no documents, or is missing, corrupt, or made with another
       tokenizer.
   """
   if split not in SPLITS:
@@ -91,7 +91,7 @@ def make_dataset(
   if weights:
     missing = set(weights) - set(groups)
     if missing:
-      raise ValueError(
+      raise records.DataError(
         f'data.mixture names {sorted(missing)}, but the {split} split has only '
         f'{sorted(groups)} (data.source={c_data.source!r}, data.path={c_data.path!r}).'
       )
@@ -104,7 +104,7 @@ def make_dataset(
   for language, ds in groups.items():
     ds = ds[shard_index::shard_count]
     if not len(ds):
-      raise ValueError(
+      raise records.DataError(
         f'Shard {shard_index} of {shard_count} of the {split} split has no {language} '
         f'documents (data.source={c_data.source!r}, data.path={c_data.path!r}).'
       )
