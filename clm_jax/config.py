@@ -129,6 +129,7 @@ def _check_values(c, num_devices, errors):
     ('data', 'streams'),
     ('data', 'workers'),
     ('data', 'read_threads'),
+    ('data', 'prefetch'),
     ('train', 'max_nonfinite'),
   ]:
     if c[section][key] < 0:

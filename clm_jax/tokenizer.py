@@ -337,8 +337,9 @@ def for_corpus(
   Raises:
     ValueError: The given tokenizer has more pieces than `vocab_size`.
   """
-  given = c_data.tokenizer
+  given, key = c_data.tokenizer, 'data.tokenizer'
   if c_data.source == 'prepared' and not given:
+    key = 'data.path'
     # Prepared ids belong to the tokenizer stored beside them.
     given = pathlib.Path(c_data.path).expanduser() / 'tokenizer.model'
     if not given.is_file():
@@ -350,7 +351,7 @@ def for_corpus(
     tokenizer = load(given)
     if tokenizer.vocab_size > vocab_size:
       raise ValueError(
-        f'Tokenizer {given} has {tokenizer.vocab_size} pieces but '
+        f'{key}: tokenizer {given} has {tokenizer.vocab_size} pieces but '
         f'model.vocab_size={vocab_size}; raise model.vocab_size.'
       )
     return tokenizer

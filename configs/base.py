@@ -74,6 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.streams = 16  # Packed streams of different documents, interleaved: a batch mixes them.
   d.workers = 0  # Grain worker processes per host; 0 = in the training process.
   d.read_threads = 1  # Threads per stream reading and tokenizing documents ahead.
+  d.prefetch = 2  # Batches made ahead in a background thread; 0 = none.
   d.tokenizer = ''  # sentencepiece .model; '' = the prepared dir's, or one trained on the corpus.
   d.tokenizer_sample_mb = 8  # Raw sources: megabytes of text the default tokenizer learns from.
 

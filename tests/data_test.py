@@ -433,3 +433,15 @@ def test_prepared_data_needs_its_own_tokenizer(prepared, tok, tmp_path):
     pipeline.make_dataset(
       _prepared_config(path), other, seq_len=SEQ_LEN, batch_size=1, split='train', seed=0
     )
+
+
+def test_files_source_mixes_a_source_tree_by_extension(prepared, tok):
+  path, languages = prepared
+  go = {doc for (split, doc), language in languages.items() if language == 'go'}
+  c_data = _data_config(
+    source='files', path=str(path.parent / 'tree'), heldout_fraction=0.0, mixture='go:1', streams=1
+  )
+  ds = pipeline.make_dataset(c_data, tok, seq_len=SEQ_LEN, batch_size=2, split='train', seed=0)
+  docs = _documents(_take(ds, 30))[:-1]
+  assert docs and set(docs) <= go
+  assert len(set(docs)) == len(go)  # 30 batches of 64 tokens pass every go file.

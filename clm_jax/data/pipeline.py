@@ -35,9 +35,6 @@ from clm_jax.data import sources
 
 SPLITS = records.SPLITS
 
-# Batches packed ahead of the training step, so packing overlaps compute.
-_BATCH_BUFFER = 2
-
 
 def make_dataset(
   c_data: ml_collections.ConfigDict,
@@ -84,7 +81,10 @@ def make_dataset(
   if seq_len < 1 or batch_size < 1:
     raise ValueError(f'seq_len={seq_len} and batch_size={batch_size} must be >= 1.')
   if c_data.fim_rate > 0:
-    fim.check_tokenizer(tokenizer)
+    try:
+      fim.check_tokenizer(tokenizer)
+    except ValueError as e:
+      raise records.DataError(str(e)) from e
 
   groups = document_groups(c_data, tokenizer, split)
   weights = sources.parse_mixture(c_data.mixture) if split == 'train' else {}
@@ -141,8 +141,11 @@ def make_dataset(
     # notebook, pytest) nothing parsed them, and their defaults are right.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=c_data.workers))
-  return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=_BATCH_BUFFER)
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=c_data.workers))
+  if c_data.prefetch:
+    # Batches packed ahead in a thread, so packing overlaps the train step.
+    ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=c_data.prefetch)
+  return ds
 
 
 class RoundRobinIterDataset(grain.IterDataset):
