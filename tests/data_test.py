@@ -236,10 +236,9 @@ def test_seed_fixes_the_batches(corpus, tok):
   assert not np.array_equal(batches(7), batches(8))
 
 
-def test_process_shards_are_disjoint(corpus, tok):
-  root, docs = corpus
-  c_data = _data_config(path=str(root), heldout_fraction=0.0, streams=1)
-  shards = [
+def _process_shards(c_data, tok, count):
+  """The documents each of `count` processes reads in one pass."""
+  return [
     _documents(
       list(
         pipeline.make_dataset(
@@ -250,13 +249,19 @@ def test_process_shards_are_disjoint(corpus, tok):
           split='train',
           seed=0,
           shard_index=i,
-          shard_count=2,
+          shard_count=count,
           repeat=False,
         )
       )
     )
-    for i in range(2)
+    for i in range(count)
   ]
+
+
+def test_process_shards_are_disjoint(corpus, tok):
+  root, docs = corpus
+  c_data = _data_config(path=str(root), heldout_fraction=0.0, streams=1)
+  shards = _process_shards(c_data, tok, 2)
   assert len(shards[0]) == len(shards[1]) == len(docs) // 2
   everything = collections.Counter(_expected(tok, docs.values()))
   assert collections.Counter(shards[0]) + collections.Counter(shards[1]) == everything
@@ -382,20 +387,8 @@ def test_fim_rows_restore_to_the_documents(prepared, tok):
 
 def test_prepared_process_shards_are_disjoint_and_cover(prepared, tok):
   path, languages = prepared
-  found = collections.Counter()
-  for i in range(2):
-    ds = pipeline.make_dataset(
-      _prepared_config(path, streams=1),
-      tok,
-      seq_len=SEQ_LEN,
-      batch_size=1,
-      split='train',
-      seed=0,
-      shard_index=i,
-      shard_count=2,
-      repeat=False,
-    )
-    found.update(_documents(list(ds)))
+  shards = _process_shards(_prepared_config(path, streams=1), tok, 2)
+  found = collections.Counter(shards[0]) + collections.Counter(shards[1])
   assert found == collections.Counter(doc for s, doc in languages if s == 'train')
 
 
