@@ -189,9 +189,34 @@ def _check_values(c, num_devices, errors):
   except ConfigError as e:
     errors.append(str(e))
     return
-  if pipeline != 1:
+  v = c.mesh.virtual_stages
+  if v < 1:
+    errors.append(f'mesh.virtual_stages: must be >= 1, got {v}')
+    return
+  if v > 1 and pipeline == 1:
+    errors.append(f'mesh.virtual_stages={v} needs mesh.pipeline > 1')
+  if m.num_layers % (pipeline * v):
     errors.append(
-      f'mesh.pipeline={pipeline}: pipeline parallelism is not available yet; set mesh.pipeline=1'
+      f'model.num_layers={m.num_layers} is not divisible by mesh.pipeline={pipeline} x '
+      f'mesh.virtual_stages={v} = {pipeline * v} layer chunks'
+    )
+  per_pass = c.mesh.pipeline_microbatches or t.microbatches
+  if c.mesh.pipeline_microbatches < 0 or t.microbatches % per_pass:
+    errors.append(
+      f'mesh.pipeline_microbatches={c.mesh.pipeline_microbatches} must be 0 or divide '
+      f'train.microbatches={t.microbatches}'
+    )
+  elif pipeline > 1 and per_pass < pipeline:
+    errors.append(
+      f'{per_pass} micro-batches per pipeline pass (train.microbatches, '
+      f'mesh.pipeline_microbatches) are fewer than mesh.pipeline={pipeline}: stages would '
+      'idle; use at least one micro-batch per stage'
+    )
+  elif v > 1 and per_pass % pipeline:
+    errors.append(
+      f'{per_pass} micro-batches per pipeline pass (train.microbatches, '
+      f'mesh.pipeline_microbatches) are not a multiple of mesh.pipeline={pipeline}, which '
+      'the circular schedule (mesh.virtual_stages > 1) needs'
     )
   micro = t.global_batch_size // t.microbatches
   if micro % data:

@@ -83,6 +83,15 @@ def run(c, workdir: str | pathlib.Path) -> dict:
     jax.device_count(),
     jax.devices()[0].device_kind,
   )
+  ps = s.pipeline_schedule
+  logging.info(
+    'pipeline: %d stages x %d virtual, %d of %d micro-batches per pass: bubble %.1f%%',
+    ps.stages,
+    ps.virtual_stages,
+    ps.microbatches,
+    c.train.microbatches,
+    100 * ps.bubble,
+  )
 
   ckpt = checkpoint.Checkpointer(workdir, c.checkpoint)
   writer = metrics_lib.Writer(workdir, total_steps=c.train.steps, enabled=is_main)
@@ -95,6 +104,7 @@ def run(c, workdir: str | pathlib.Path) -> dict:
     else:
       logging.info('resuming from %s/%d', ckpt.directory, start)
       state = ckpt.restore(start, jax.eval_shape(s.init_state, jax.random.key(0)), train_it)
+      state = s.from_checkpoint(state)
 
     meter = metrics_lib.Meter(
       tokens_per_step=tokens_per_step,
@@ -138,7 +148,7 @@ def run(c, workdir: str | pathlib.Path) -> dict:
         writer.progress(step, {'eval_loss': eval_loss})
         meter.restart()  # Evaluation time is not step time.
       if step % c.checkpoint.every == 0 or step == c.train.steps:
-        ckpt.save(step, state, train_it)
+        ckpt.save(step, s.to_checkpoint(state), train_it)
     if pending:
       finish(*pending)
   ckpt.wait()

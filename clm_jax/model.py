@@ -50,26 +50,42 @@ class Decoder(nnx.Module):
 
   def hidden(self, tokens_BT, segment_ids_BT, positions_BT) -> jax.Array:
     """The final-normed hidden states [B, T, D] that the LM head reads."""
-    cfg = self.cfg
-    dtype = jnp.dtype(cfg.dtype)
-    x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype)
-    x_BTD = sharding.constrain(x_BTD, ('batch', 'seq', None))
-
+    x_BTD = self.embed_tokens(tokens_BT)
     graphdef, stacked = nnx.split(self.blocks)
-
-    def body(x_BTD, block_state):
-      block = nnx.merge(graphdef, block_state)
-      return block(x_BTD, segment_ids_BT, positions_BT), None
-
-    if cfg.remat != 'none':
-      body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    x_BTD, _ = jax.lax.scan(body, x_BTD, stacked)
+    x_BTD = run_blocks(graphdef, stacked, x_BTD, segment_ids_BT, positions_BT, self.cfg.remat)
     return self.final_norm(x_BTD)
+
+  def embed_tokens(self, tokens_BT) -> jax.Array:
+    """The embeddings [B, T, D] of tokens, in the compute dtype."""
+    x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(jnp.dtype(self.cfg.dtype))
+    return sharding.constrain(x_BTD, ('batch', 'seq', None))
 
   def logits(self, x_XD: jax.Array) -> jax.Array:
     """The LM head on hidden states of any leading shape X; float32 out."""
     w_DV = self.lm_head[...].astype(x_XD.dtype)
     return jnp.einsum('...D,DV->...V', x_XD, w_DV, preferred_element_type=jnp.float32)
+
+
+def run_blocks(graphdef, stacked, x_BTD, segment_ids_BT, positions_BT, remat: str):
+  """Runs the blocks stacked along the leading axis of `stacked`, in order.
+
+  Args:
+    graphdef: The graph of the stacked blocks (nnx.split of Decoder.blocks).
+    stacked: Their state (or a pure dict) with a leading layer axis, any length.
+    x_BTD: The hidden states entering the first block.
+    segment_ids_BT: Packed-document ids.
+    positions_BT: Positions within each document.
+    remat: 'none', 'full' or 'save_dots': what backward recomputes.
+  """
+
+  def body(x_BTD, block_state):
+    block = nnx.merge(graphdef, block_state)
+    return block(x_BTD, segment_ids_BT, positions_BT), None
+
+  if remat != 'none':
+    body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat], prevent_cse=False)
+  x_BTD, _ = jax.lax.scan(body, x_BTD, stacked)
+  return x_BTD
 
 
 def abstract(cfg: config_lib.ModelConfig):

@@ -33,7 +33,10 @@ RULES: Mapping[str, str | None] = {
   'head_dim': None,
   'mlp': 'tensor',
   'norm': None,
-  'layers': None,
+  # Stacked layers split over 'pipeline' in contiguous blocks: device s holds
+  # stage s's layers (see clm_jax.pipeline for the circular layout).
+  'layers': 'pipeline',
+  'stage': 'pipeline',
 }
 
 # ZeRO-3 / FSDP: parameters and optimizer state also split over 'data' along
@@ -68,7 +71,9 @@ def logical_to_spec(
   spec = []
   for name, dim in zip(axes, shape, strict=True):
     mesh_axis = rules[name] if name is not None else None
-    if mesh_axis is None or mesh_axis in used or dim % mesh_shape[mesh_axis]:
+    size = mesh_shape[mesh_axis] if mesh_axis is not None else 1
+    # An axis of size 1 splits nothing; leaving it out keeps specs readable.
+    if size == 1 or mesh_axis in used or dim % size:
       spec.append(None)
     else:
       used.add(mesh_axis)
@@ -104,6 +109,20 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   if mesh.empty:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh.shape))
+
+
+def stage_mesh_axis() -> str | None:
+  """The mesh axis of the pipeline's stage axis, or None outside a mesh."""
+  return None if jax.sharding.get_abstract_mesh().empty else RULES['stage']
+
+
+def constrain_stage(x: jax.Array) -> jax.Array:
+  """Pins a leading stage axis to the pipeline mesh axis, the rest left free."""
+  axis = stage_mesh_axis()
+  if axis is None:
+    return x
+  free = (P.UNCONSTRAINED,) * (x.ndim - 1)
+  return jax.lax.with_sharding_constraint(x, P(axis, *free))
 
 
 def host_to_global(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -19,6 +20,7 @@ from clm_jax import config as config_lib
 from clm_jax import loss as loss_lib
 from clm_jax import model as model_lib
 from clm_jax import optimizer as optimizer_lib
+from clm_jax import pipeline
 from clm_jax import sharding
 
 
@@ -27,17 +29,6 @@ class TrainState:
   step: jax.Array
   params: dict
   opt_state: optax.OptState
-
-
-def _targets(batch):
-  """Next-token targets [B, T] and the 0/1 weights of the real ones."""
-  tokens_BT, segments_BT = batch['tokens'], batch['segment_ids']
-  T = tokens_BT.shape[1]
-  targets_BT = jnp.roll(tokens_BT, -1, axis=1)
-  # A real target is the next token of the same (non-padding) document.
-  same_doc_BT = (jnp.roll(segments_BT, -1, axis=1) == segments_BT) & (segments_BT != 0)
-  weights_BT = same_doc_BT & (jnp.arange(T) < T - 1)
-  return targets_BT, weights_BT.astype(jnp.float32)
 
 
 def _hidden_and_head(graphdef, params, batch):
@@ -49,53 +40,53 @@ def _hidden_and_head(graphdef, params, batch):
 def token_losses(graphdef, params, batch, loss_chunk_len: int = 0):
   """Per-token cross-entropy [B, T] (float32) and the 0/1 weights of real targets."""
   x_BTD, w_DV = _hidden_and_head(graphdef, params, batch)
-  targets_BT, weights_BT = _targets(batch)
+  targets_BT, weights_BT = pipeline.targets(batch['tokens'], batch['segment_ids'])
   losses_BT = loss_lib.token_losses(x_BTD, w_DV, targets_BT, loss_chunk_len or x_BTD.shape[1])
   return losses_BT * weights_BT, weights_BT
 
 
-def _loss_sum(params, graphdef, batch, loss_chunk_len):
-  """(sum of the real targets' losses, their number), by the fused loss."""
-  x_BTD, w_DV = _hidden_and_head(graphdef, params, batch)
-  targets_BT, weights_BT = _targets(batch)
-  chunk = loss_chunk_len or x_BTD.shape[1]
-  return loss_lib.loss_sum(x_BTD, w_DV, targets_BT, weights_BT, chunk), weights_BT.sum()
+def _split_microbatches(batch, schedule: pipeline.Schedule, microbatches: int):
+  """[B, T] -> [A, K, B/M, T]: A passes of K micro-batches (M = A K).
 
-
-def _split_microbatches(batch, microbatches: int):
-  """[B, T] -> [M, B/M, T], where micro-batch m takes rows m, M+m, 2M+m, ...
-
-  Rows sit on the 'data' devices in contiguous blocks; this interleaving
-  keeps every micro-batch spread evenly over those devices with no data
-  movement.
+  Micro-batch m takes rows m, M+m, 2M+m, ...: rows sit on the 'data' devices
+  in contiguous blocks, and this interleaving keeps every micro-batch spread
+  evenly over them with no data movement.
   """
+  K = schedule.microbatches
 
   def split(x_BT):
     x = x_BT.reshape(x_BT.shape[0] // microbatches, microbatches, *x_BT.shape[1:])
-    return jnp.swapaxes(x, 0, 1)
+    x = jnp.swapaxes(x, 0, 1)
+    return x.reshape(microbatches // K, K, *x.shape[1:])
 
   return jax.tree.map(split, batch)
 
 
-def grads_and_loss(graphdef, params, batch, microbatches: int, loss_chunk_len: int = 0):
+def grads_and_loss(graphdef, params, batch, schedule, microbatches: int, loss_chunk_len: int = 0):
   """Gradient of the token-weighted mean loss over all micro-batches.
 
-  Sums of losses and gradients are accumulated in float32 over a scan, and
-  divided by the number of real targets once at the end, so the result
-  equals one large batch.
+  Each pass sends `schedule.microbatches` micro-batches through the pipeline
+  (all of them when there are several stages, one at a time otherwise).
+  Sums of losses and gradients are accumulated in float32 over the passes and
+  divided by the number of real targets once at the end, so the result equals
+  one large batch.
   """
-  grad_fn = jax.value_and_grad(_loss_sum, has_aux=True)
+
+  def loss_fn(params, micro):
+    return pipeline.loss_sum(params, graphdef, micro, schedule, loss_chunk_len)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def accumulate(carry, micro):
     loss_sum, count, grads = carry
-    (loss, n), g = grad_fn(params, graphdef, micro, loss_chunk_len)
+    (loss, n), g = grad_fn(params, micro)
     micro_grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
     return (loss_sum + loss, count + n, micro_grads), None
 
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
   init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-  micro = _split_microbatches(batch, microbatches)
-  (loss_sum, count, grads), _ = jax.lax.scan(accumulate, init, micro)
+  passes = _split_microbatches(batch, schedule, microbatches)
+  (loss_sum, count, grads), _ = jax.lax.scan(accumulate, init, passes)
   denom = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
   return loss_sum / denom, count, grads
@@ -108,11 +99,14 @@ def train_step(
   graphdef,
   optimizer: optax.GradientTransformation,
   schedule: optax.Schedule,
+  pipeline_schedule: pipeline.Schedule,
   microbatches: int,
   loss_chunk_len: int = 0,
 ):
   """One optimizer step: (state, batch) -> (state, metrics). Pure; jit it."""
-  loss, count, grads = grads_and_loss(graphdef, state.params, batch, microbatches, loss_chunk_len)
+  loss, count, grads = grads_and_loss(
+    graphdef, state.params, batch, pipeline_schedule, microbatches, loss_chunk_len
+  )
   applied = state.step - state.opt_state.total_notfinite
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -129,9 +123,16 @@ def train_step(
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch, *, graphdef, loss_chunk_len: int = 0):
-  """(sum of held-out token losses, number of real targets)."""
-  return _loss_sum(params, graphdef, batch, loss_chunk_len)
+def eval_step(params, batch, *, graphdef, pipeline_schedule, microbatches, loss_chunk_len=0):
+  """(sum of held-out token losses, number of real targets), through the pipeline."""
+
+  def one_pass(carry, micro):
+    loss, n = pipeline.loss_sum(params, graphdef, micro, pipeline_schedule, loss_chunk_len)
+    return (carry[0] + loss, carry[1] + n), None
+
+  zero = jnp.zeros((), jnp.float32)
+  passes = _split_microbatches(batch, pipeline_schedule, microbatches)
+  return jax.lax.scan(one_pass, (zero, zero), passes)[0]
 
 
 @dataclasses.dataclass
@@ -145,7 +146,15 @@ class Setup:
   schedule: optax.Schedule
   optimizer: optax.GradientTransformation
   state_shardings: TrainState
+  pipeline_schedule: pipeline.Schedule
+  # The model layer at each storage position of the stacked blocks (the
+  # identity unless mesh.virtual_stages > 1); see clm_jax.pipeline.
+  layer_order: np.ndarray
   init_state: Callable[[jax.Array], TrainState]
+  # TrainState storage order <-> the plain layer order checkpoints hold, so a
+  # checkpoint restores under any pipeline layout (identity when R = 1).
+  to_checkpoint: Callable[[TrainState], TrainState]
+  from_checkpoint: Callable[[TrainState], TrainState]
   train_step: Callable
   eval_step: Callable
 
@@ -153,6 +162,12 @@ class Setup:
 def decay_mask(axes):
   """True for every parameter but norm scales (whose logical axis is 'norm')."""
   return jax.tree.map(lambda a: 'norm' not in a, axes, is_leaf=lambda a: isinstance(a, tuple))
+
+
+def _reorder(permute, order, state_sh):
+  if np.array_equal(order, np.arange(order.size)):
+    return lambda state: state
+  return jax.jit(lambda state: permute(state, order), out_shardings=state_sh)
 
 
 def setup(c, mesh: jax.sharding.Mesh) -> Setup:
@@ -174,8 +189,16 @@ def setup(c, mesh: jax.sharding.Mesh) -> Setup:
   )
   state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
 
+  pipeline_schedule = pipeline.make_schedule(
+    mesh.shape['pipeline'],
+    c.mesh.virtual_stages,
+    c.train.microbatches,
+    c.mesh.pipeline_microbatches,
+  )
+  order = pipeline.layer_order(model_cfg.num_layers, mesh.shape['pipeline'], c.mesh.virtual_stages)
+
   def init(rng):
-    params = model_lib.init(model_cfg, rng)
+    params = pipeline.to_storage(model_lib.init(model_cfg, rng), order)
     return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
     )
@@ -186,6 +209,7 @@ def setup(c, mesh: jax.sharding.Mesh) -> Setup:
     graphdef=graphdef,
     optimizer=optimizer,
     schedule=schedule,
+    pipeline_schedule=pipeline_schedule,
     microbatches=c.train.microbatches,
     loss_chunk_len=c.train.loss_chunk_len,
   )
@@ -197,7 +221,11 @@ def setup(c, mesh: jax.sharding.Mesh) -> Setup:
     schedule=schedule,
     optimizer=optimizer,
     state_shardings=state_sh,
+    pipeline_schedule=pipeline_schedule,
+    layer_order=order,
     init_state=jax.jit(init, out_shardings=state_sh),
+    to_checkpoint=_reorder(pipeline.to_layer_order, order, state_sh),
+    from_checkpoint=_reorder(pipeline.to_storage, order, state_sh),
     train_step=jax.jit(
       step_fn,
       in_shardings=(state_sh, batch_sh),
@@ -205,7 +233,13 @@ def setup(c, mesh: jax.sharding.Mesh) -> Setup:
       donate_argnums=0,
     ),
     eval_step=jax.jit(
-      functools.partial(eval_step, graphdef=graphdef, loss_chunk_len=c.train.loss_chunk_len),
+      functools.partial(
+        eval_step,
+        graphdef=graphdef,
+        pipeline_schedule=pipeline_schedule,
+        microbatches=c.train.microbatches,
+        loss_chunk_len=c.train.loss_chunk_len,
+      ),
       in_shardings=(param_sh, batch_sh),
       out_shardings=replicated,
     ),

@@ -31,7 +31,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Data-parallel size; -1 takes every device left over.
   c.mesh.tensor = 1  # Megatron tensor-parallel size.
-  c.mesh.pipeline = 1  # Pipeline stages (only 1 until the pipeline schedule lands).
+  c.mesh.pipeline = 1  # Pipeline stages: the layer stack split over this many devices.
+  c.mesh.virtual_stages = 1  # Layer chunks per pipeline device (circular schedule); 1 = GPipe.
+  # Micro-batches sent through the pipeline per pass (all their stage inputs
+  # are held for backward); passes accumulate. 0 = all of train.microbatches.
+  c.mesh.pipeline_microbatches = 0
   c.mesh.fsdp = False  # Also shard params and optimizer state over 'data' (ZeRO-3).
 
   c.train = t = ml_collections.ConfigDict()

@@ -8,10 +8,13 @@ steps to 3e-4, cosine to 10%), vocab 32000, RMSNorm eps 1e-5, fp32 master
 weights, bf16 compute and full remat are base.py's values, which are the
 original run's.
 
-The original mesh was data 4 x tensor 8 x pipeline 4 (tensor within a node of
-8, pipeline across nodes). Until the pipeline schedule lands, the pipeline
-axis is folded into data with ZeRO-3 (mesh.fsdp) so the state still fits:
-data 16 x tensor 8 x pipeline 1.
+The mesh is the original's: data 4 x tensor 8 x pipeline 4 (tensor within a
+node of 8, pipeline across nodes), 12 layers per stage, GPipe over the 16
+micro-batches (bubble 3/19). GPipe holds every micro-batch's stage inputs:
+at 64 local rows of 8192 tokens per micro-batch that is far beyond 80 GB, so
+a run on real GPUs needs finer micro-batches (e.g. train.microbatches=1024
+with mesh.pipeline_microbatches=32) or a 1F1B schedule; `launch plan` is
+where that is worked out.
 
 Data: the output of `python -m launch data prepare` at data/codellama (see
 the README), mixed as the paper's Table 1 gives it: 85% code, 8% natural
@@ -33,9 +36,9 @@ def get_config():
   c.model.mlp_dim = 22016
   c.model.rope_theta = 1e6
   c.model.max_seq_len = 16384
-  c.mesh.data = 16
+  c.mesh.data = 4
   c.mesh.tensor = 8
-  c.mesh.fsdp = True
+  c.mesh.pipeline = 4
   c.train.steps = 14_902  # ceil(500e9 / (4096 * 8192))
   c.train.seq_len = 8192
   c.train.global_batch_size = 4096

@@ -18,6 +18,7 @@ def get_config():
   c.model.mlp_dim = 11008
   c.mesh.data = 16
   c.mesh.tensor = 8
+  c.mesh.pipeline = 1
   c.data.fim_rate = 0.9
   c.data.fim_spm_rate = 0.5
   return c

@@ -53,7 +53,7 @@ def test_codellama_34b_is_the_original_run():
   assert t.steps * t.global_batch_size * t.seq_len >= 500e9
   assert (o.peak_lr, o.warmup_steps, o.b1, o.b2, o.eps) == (3e-4, 2000, 0.9, 0.95, 1e-6)
   assert (o.weight_decay, o.clip_norm) == (0.1, 1.0)
-  assert config_lib.mesh_shape(c.mesh, 128) == (16, 8, 1)
+  assert config_lib.mesh_shape(c.mesh, 128) == (4, 8, 4)
   weights = sources.parse_mixture(c.data.mixture)
   assert set(weights) == set(sources.LANGUAGES) and sum(weights.values()) == pytest.approx(1)
   assert weights['text'] == pytest.approx(0.15) and c.data.fim_rate == 0
@@ -91,7 +91,34 @@ BAD = [
   ({'mesh.data': 2, 'mesh.tensor': 2}, 8, '= 4 ('),
   ({'mesh.data': -1, 'mesh.tensor': 3}, 8, 'mesh.data=-1 cannot fill 8 devices'),
   ({'mesh.data': -1, 'mesh.tensor': -1}, 8, 'at most one -1'),
-  ({'mesh.pipeline': 2, 'mesh.data': 4}, 8, 'mesh.pipeline=2'),
+  (
+    {'mesh.pipeline': 2, 'mesh.data': 4},
+    8,
+    '1 micro-batches per pipeline pass (train.microbatches, mesh.pipeline_microbatches) are fewer',
+  ),
+  ({'mesh.virtual_stages': 2}, 1, 'mesh.virtual_stages=2 needs mesh.pipeline > 1'),
+  (
+    {'train.microbatches': 4, 'mesh.pipeline_microbatches': 3},
+    1,
+    'mesh.pipeline_microbatches=3 must be 0 or divide train.microbatches=4',
+  ),
+  ({'mesh.virtual_stages': 0}, 1, 'mesh.virtual_stages: must be >= 1'),
+  (
+    {'mesh.pipeline': 2, 'mesh.virtual_stages': 2, 'train.microbatches': 2},
+    2,
+    'model.num_layers=2 is not divisible by mesh.pipeline=2 x mesh.virtual_stages=2',
+  ),
+  (
+    {
+      'model.num_layers': 8,
+      'mesh.pipeline': 4,
+      'mesh.virtual_stages': 2,
+      'train.global_batch_size': 12,
+      'train.microbatches': 6,
+    },
+    4,
+    '6 micro-batches per pipeline pass (train.microbatches, mesh.pipeline_microbatches) are not a multiple of mesh.pipeline=4',
+  ),
   ({'train.seq_len': 128}, 1, 'train.seq_len=128 exceeds model.max_seq_len=64'),
   ({'model.d_model': 0}, 1, 'model.d_model: must be > 0'),
   ({'train.steps': -5}, 1, 'train.steps: must be > 0'),
