@@ -130,6 +130,7 @@ def _check_values(c, num_devices, errors):
     ('data', 'workers'),
     ('data', 'read_threads'),
     ('data', 'prefetch'),
+    ('checkpoint', 'keep_period'),
     ('train', 'max_nonfinite'),
   ]:
     if c[section][key] < 0:

@@ -16,6 +16,7 @@ from clm_jax import checkpoint
 from clm_jax import config as config_lib
 from clm_jax import flops
 from clm_jax import metrics as metrics_lib
+from clm_jax import preemption
 from clm_jax import sharding
 from clm_jax import tokenizer as tokenizer_lib
 from clm_jax import train
@@ -96,21 +97,22 @@ def run(c, workdir: str | pathlib.Path) -> dict:
   ckpt = checkpoint.Checkpointer(workdir, c.checkpoint)
   writer = metrics_lib.Writer(workdir, total_steps=c.train.steps, enabled=is_main)
   tokens_per_step = c.train.global_batch_size * c.train.seq_len
+  meter = metrics_lib.Meter(
+    tokens_per_step=tokens_per_step,
+    flops_per_step_per_device=flops_per_token * tokens_per_step / jax.device_count(),
+    peak_tflops=peak,
+  )
   last: dict = {}
-  with jax.set_mesh(mesh):
-    start = ckpt.latest_step()
-    if start is None:
+  with jax.set_mesh(mesh), preemption.StopRequest() as stop:
+    abstract = jax.eval_shape(s.init_state, jax.random.key(0))
+    restored = ckpt.restore_latest(abstract, train_it)
+    if restored is None:
       state, start = s.init_state(jax.random.key(c.train.seed)), 0
     else:
+      start, state, loop_state = restored
       logging.info('resuming from %s/%d', ckpt.directory, start)
-      state = ckpt.restore(start, jax.eval_shape(s.init_state, jax.random.key(0)), train_it)
       state = s.from_checkpoint(state)
-
-    meter = metrics_lib.Meter(
-      tokens_per_step=tokens_per_step,
-      flops_per_step_per_device=flops_per_token * tokens_per_step / jax.device_count(),
-      peak_tflops=peak,
-    )
+      meter.load_state(loop_state['meter'])
     pending = None  # (step, metrics) dispatched but not yet read
 
     def finish(step, metrics):
@@ -123,11 +125,24 @@ def run(c, workdir: str | pathlib.Path) -> dict:
           'checkpoint is intact. Lower optim.peak_lr or raise train.max_nonfinite.'
         )
       meter.add(m)
-      if step == start + 1 or step % c.train.log_every == 0 or step == c.train.steps:
+      if step == 1 or step % c.train.log_every == 0 or step == c.train.steps:
         last = meter.summary()
         writer.write(step, last)
         writer.progress(step, last)
+      elif step == start + 1:  # A sign of life after a resume; the window goes on.
+        writer.progress(step, {'loss': m['loss']})
 
+    def save(step):
+      ckpt.save(
+        step,
+        s.to_checkpoint(state),
+        train_it,
+        config=c.to_dict(),
+        tokenizer_path=tok.path,
+        loop={'meter': meter.state()},
+      )
+
+    step = start
     for step in range(start + 1, c.train.steps + 1):
       batch = sharding.host_to_global(next(train_it), mesh)
       state, metrics = s.train_step(state, batch)
@@ -147,8 +162,17 @@ def run(c, workdir: str | pathlib.Path) -> dict:
         writer.write(step, {'eval_loss': eval_loss, 'eval_perplexity': last['eval_perplexity']})
         writer.progress(step, {'eval_loss': eval_loss})
         meter.restart()  # Evaluation time is not step time.
-      if step % c.checkpoint.every == 0 or step == c.train.steps:
-        ckpt.save(step, s.to_checkpoint(state), train_it)
+      stopping = stop.requested()
+      if step % c.checkpoint.every == 0 or step == c.train.steps or stopping:
+        # The saved meter must hold this step's loss; the save waits for this
+        # step's state anyway, so reading its metrics now costs nothing.
+        if pending:
+          finish(*pending)
+          pending = None
+        save(step)
+      if stopping:
+        logging.info('%s: saved step %d; exiting', stop.signal_name, step)
+        break
     if pending:
       finish(*pending)
   ckpt.wait()
@@ -156,5 +180,5 @@ def run(c, workdir: str | pathlib.Path) -> dict:
   ckpt.close()
   writer.close()
   if is_main:
-    logging.info('finished: %s', json.dumps(last))
+    logging.info('finished at step %d: %s', step, json.dumps(last))
   return last

@@ -63,6 +63,13 @@ class Meter:
       self._losses.append(m['loss'])
     self._last = m
 
+  def state(self) -> dict:
+    """What a checkpoint keeps so that a resumed run logs the same losses."""
+    return {'losses': list(self._losses)}
+
+  def load_state(self, state: dict) -> None:
+    self._losses = [float(x) for x in state['losses']]
+
   def summary(self) -> dict[str, float]:
     """The window's metrics; starts a new window."""
     keys = ('lr', 'grad_norm', 'target_tokens', 'nonfinite_total')

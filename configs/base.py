@@ -65,6 +65,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 1000  # Steps between checkpoints; the last step is always saved.
   c.checkpoint.keep = 3  # Recent checkpoints kept.
+  c.checkpoint.keep_period = (
+    0  # Also keep every checkpoint whose step is a multiple of this; 0 = none.
+  )
 
   c.data = d = ml_collections.ConfigDict()
   # 'stdlib' = this interpreter's standard-library *.py files; 'files' = the source

@@ -145,12 +145,18 @@ def main(argv):
     )
   logging.get_absl_handler().addFilter(_QuietLibraries())
   # Imported here so that `--help` and usage errors need no JAX start-up.
+  from clm_jax import checkpoint
   from clm_jax import config as config_lib
   from clm_jax.data import records
 
   try:
     _RUN[command]()
-  except (config_lib.ConfigError, records.DataError, FileNotFoundError) as e:
+  except (
+    config_lib.ConfigError,
+    records.DataError,
+    checkpoint.CheckpointError,
+    FileNotFoundError,
+  ) as e:
     sys.exit(f'error: {e}')
 
 

@@ -1,0 +1,212 @@
+"""Checkpoints: exact resume after kill -9 and SIGTERM, damaged steps skipped, resharding."""
+
+import json
+import logging
+import pathlib
+import random
+import shutil
+import signal
+import time
+
+import cli
+import jax
+import numpy as np
+import pytest
+
+from clm_jax import checkpoint
+from clm_jax import sharding
+from clm_jax import train
+
+STEPS = 16
+FLAGS = [
+  f'--config.train.steps={STEPS}',
+  '--config.train.log_every=1',
+  '--config.train.eval_every=8',
+  '--config.checkpoint.every=4',
+]
+EXACT = ('loss', 'lr', 'grad_norm', 'target_tokens', 'eval_loss')
+
+
+def _metrics(workdir) -> dict[int, dict]:
+  """step -> the exact metrics of its lines, the later line winning (the contract)."""
+  out = {}
+  for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines():
+    m = json.loads(line)
+    out.setdefault(m['step'], {}).update({k: m[k] for k in EXACT if k in m})
+  return out
+
+
+def _logged_steps(workdir) -> int:
+  path = pathlib.Path(workdir) / 'metrics.jsonl'
+  if not path.exists():
+    return 0
+  steps = [json.loads(line)['step'] for line in path.read_text().splitlines() if line]
+  return max(steps, default=0)
+
+
+def _wait_for(condition, proc, timeout=300):
+  deadline = time.time() + timeout
+  while not condition():
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert time.time() < deadline, 'timed out'
+    time.sleep(0.005)
+
+
+@pytest.fixture(scope='module')
+def cache(tmp_path_factory):
+  return tmp_path_factory.mktemp('cache')
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory, cache):
+  workdir = tmp_path_factory.mktemp('reference')
+  cli.train(workdir, cache, *FLAGS)
+  return _metrics(workdir)
+
+
+def test_kill_9_at_a_random_step_then_resume_is_bitwise_the_same_run(reference, cache, tmp_path):
+  kill_at = random.Random().randint(5, 11)
+  proc = cli.start_train(tmp_path, cache, *FLAGS)
+  _wait_for(lambda: _logged_steps(tmp_path) >= kill_at, proc)
+  proc.kill()
+  proc.wait()
+  assert _logged_steps(tmp_path) < STEPS
+  cli.train(tmp_path, cache, *FLAGS)
+  assert _metrics(tmp_path) == reference, f'killed at step {kill_at}'
+
+
+def test_kill_9_during_an_async_save_keeps_the_previous_checkpoint(reference, cache, tmp_path):
+  checkpoints = tmp_path / 'checkpoints'
+
+  def finished():
+    return [int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()]
+
+  def saving_after_a_finished_one():  # Orbax writes under a temporary name, then renames.
+    return (
+      checkpoints.is_dir() and finished() and any('tmp' in p.name for p in checkpoints.iterdir())
+    )
+
+  proc = cli.start_train(tmp_path, cache, *FLAGS, '--config.checkpoint.every=3')
+  _wait_for(saving_after_a_finished_one, proc)
+  proc.kill()
+  proc.wait()
+  last = max(finished())
+  assert last < STEPS
+  out = cli.train(tmp_path, cache, *FLAGS, '--config.checkpoint.every=3')
+  assert f'resuming from {checkpoints}/{last}' in out.stderr
+  assert _metrics(tmp_path) == reference
+  assert not any('tmp' in p.name for p in checkpoints.iterdir())
+
+
+def test_sigterm_saves_and_exits_0_and_the_next_start_resumes(reference, cache, tmp_path):
+  proc = cli.start_train(tmp_path, cache, *FLAGS)
+  _wait_for(lambda: _logged_steps(tmp_path) >= 6, proc)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr[-3000:]
+  assert 'SIGTERM: finishing this step, saving' in stderr
+  saved = max(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
+  assert 6 <= saved < STEPS and saved % 4  # Not a regular checkpoint step.
+  out = cli.train(tmp_path, cache, *FLAGS)
+  assert f'resuming from {tmp_path / "checkpoints"}/{saved}' in out.stderr
+  assert _metrics(tmp_path) == reference
+
+
+def test_another_model_shape_is_a_clear_error(cache, tmp_path):
+  cli.train(tmp_path, cache, '--config.train.steps=2')
+  out = cli.train(
+    tmp_path, cache, '--config.train.steps=4', '--config.model.mlp_dim=96', check=False
+  )
+  assert out.returncode != 0
+  assert 'params/blocks/mlp/w_down has shape (2, 128, 64) but this model needs (2, 96, 64)' in (
+    out.stderr
+  )
+  assert 'Traceback' not in out.stderr
+
+
+def _setup(c, data, tensor, stages):
+  c.mesh.update(data=data, tensor=tensor, pipeline=stages)
+  mesh = sharding.make_mesh(c.mesh, jax.devices()[: data * tensor * stages])
+  return mesh, train.setup(c, mesh)
+
+
+def _batch(c, seed):
+  rng = np.random.default_rng(seed)
+  B, T = c.train.global_batch_size, c.train.seq_len
+  return {
+    'tokens': rng.integers(0, c.model.vocab_size, (B, T)).astype(np.int32),
+    'segment_ids': np.ones((B, T), np.int32),
+    'positions': np.tile(np.arange(T, dtype=np.int32), (B, 1)),
+  }
+
+
+def _save(c, s, ckpt, step, state, tokenizer_path, data_it):
+  ckpt.save(
+    step,
+    s.to_checkpoint(state),
+    data_it,
+    config=c.to_dict(),
+    tokenizer_path=tokenizer_path,
+    loop={'meter': {'losses': []}},
+  )
+  ckpt.wait()
+
+
+@pytest.fixture
+def saved_2x2x2(tiny_config, tmp_path):
+  """A (2, 2, 2) run saved after 2 steps, and its loss at step 3 had it gone on."""
+  import grain  # noqa: PLC0415
+
+  c = tiny_config
+  c.train.microbatches = 2
+  tok = tmp_path / 'tok.model'
+  tok.write_bytes(b'not read back by these tests')
+  data_it = iter(grain.MapDataset.range(4).to_iter_dataset())
+  mesh, s = _setup(c, 2, 2, 2)
+  ckpt = checkpoint.Checkpointer(tmp_path, c.checkpoint)
+  with jax.set_mesh(mesh):
+    state = s.init_state(jax.random.key(0))
+    for i in range(2):
+      state, _ = s.train_step(state, sharding.host_to_global(_batch(c, i), mesh))
+    _save(c, s, ckpt, 2, state, tok, data_it)
+    params = jax.device_get(s.to_checkpoint(state).params)
+    _, m = s.train_step(state, sharding.host_to_global(_batch(c, 2), mesh))
+  return c, ckpt, data_it, params, float(m['loss'])
+
+
+@pytest.mark.parametrize('data,tensor,stages', [(1, 1, 1), (4, 2, 1), (2, 1, 2)])
+def test_restore_on_another_mesh_gives_the_same_params_and_next_loss(
+  saved_2x2x2, data, tensor, stages
+):
+  c, ckpt, data_it, saved, next_loss = saved_2x2x2
+  mesh, s = _setup(c, data, tensor, stages)
+  with jax.set_mesh(mesh):
+    step, state, _ = ckpt.restore_latest(jax.eval_shape(s.init_state, jax.random.key(0)), data_it)
+    state = s.from_checkpoint(state)
+    assert step == 2
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), saved)
+    wq = state.params['blocks']['attn']['wq']
+    assert wq.sharding.mesh == mesh
+    _, m = s.train_step(state, sharding.host_to_global(_batch(c, 2), mesh))
+  np.testing.assert_allclose(float(m['loss']), next_loss, rtol=1e-6)
+
+
+def test_damaged_and_partial_steps_are_skipped_with_a_warning(saved_2x2x2, caplog):
+  c, ckpt, data_it, saved, _ = saved_2x2x2
+  directory = ckpt.directory
+  # Step 4: a finished step whose arrays were lost (a disk error, a bad copy).
+  shutil.copytree(directory / '2', directory / '4')
+  for path in (directory / '4' / 'state').rglob('*'):
+    if path.is_file() and path.name != '_METADATA' and 'ocdbt' in str(path):
+      path.write_bytes(b'\0' * 7)
+  # Step 6: a save cut off before Orbax's final rename.
+  shutil.copytree(directory / '2', directory / '6.orbax-checkpoint-tmp-123')
+  ckpt.close()
+  ckpt = checkpoint.Checkpointer(directory.parent, c.checkpoint)
+  mesh, s = _setup(c, 2, 2, 2)
+  with jax.set_mesh(mesh), caplog.at_level(logging.WARNING):
+    step, state, _ = ckpt.restore_latest(jax.eval_shape(s.init_state, jax.random.key(0)), data_it)
+  assert step == 2
+  assert f'checkpoint {directory / "4"} is unreadable' in caplog.text
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(s.to_checkpoint(state).params), saved)
+  assert not (directory / '6.orbax-checkpoint-tmp-123').exists()
