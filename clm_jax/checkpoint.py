@@ -19,9 +19,13 @@ import pathlib
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+from clm_jax import config as config_lib
+from clm_jax import model as model_lib
 
 ITEMS = ('state', 'data', 'config', 'tokenizer', 'loop')
 
@@ -166,58 +170,114 @@ def _key(path) -> str:
   return '/'.join(parts)
 
 
-def save_params(directory, params, *, config: dict, tokenizer_path) -> None:
-  """Writes a params-only checkpoint (for inference and fine-tuning), synchronously."""
-  directory = pathlib.Path(directory).absolute()
-  with ocp.CheckpointManager(
+def _read_only(directory, items, handlers):
+  return ocp.CheckpointManager(
     directory,
+    item_names=items,
+    item_handlers=handlers,
+    options=ocp.CheckpointManagerOptions(read_only=True),
+  )
+
+
+def _abstract_params(config: dict, dtype=None):
+  """The model's params as single-device ShapeDtypeStructs, from a saved config."""
+  cfg = config_lib.ModelConfig.from_config(ml_collections.ConfigDict(config['model']))
+  _, abstract, _ = model_lib.abstract(cfg)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=device), abstract
+  )
+
+
+def to_params(workdir, output, *, dtype: str = 'bfloat16', step: int | None = None) -> dict:
+  """Writes the params of a training checkpoint, cast to `dtype`, as a params-only checkpoint.
+
+  The output (output/0/{params,config,tokenizer}) is what inference and
+  fine-tuning load with `load_params`: no optimizer state, a fraction of the
+  size. Params are read alone (a partial restore), never the whole state.
+
+  Args:
+    workdir: The run directory whose checkpoints/ are read.
+    output: Where the params-only checkpoint goes; must not exist yet.
+    dtype: The dtype of the written params, e.g. 'bfloat16' or 'float32'.
+    step: Which step; None = the latest.
+
+  Returns:
+    {'step', 'output', 'bytes'}: what was written.
+  """
+  directory = (pathlib.Path(workdir) / 'checkpoints').absolute()
+  output = pathlib.Path(output).absolute()
+  if output.exists():
+    raise FileExistsError(f'--output={output} exists; choose a new directory.')
+  handlers = {
+    'state': ocp.PyTreeCheckpointHandler(),
+    'config': ocp.JsonCheckpointHandler(),
+    'tokenizer': ocp.StandardCheckpointHandler(),
+  }
+  with _read_only(directory, ('state', 'config', 'tokenizer'), handlers) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'{directory} holds no checkpoint.')
+    meta = manager.restore(
+      step,
+      args=ocp.args.Composite(config=ocp.args.JsonRestore(), tokenizer=ocp.args.StandardRestore()),
+    )
+    abstract = _abstract_params(meta.config)
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract)
+    state = manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+          item={'params': abstract}, restore_args={'params': restore_args}, partial_restore=True
+        )
+      ),
+    ).state
+  params = jax.tree.map(lambda x: x.astype(dtype), state['params'])
+  with ocp.CheckpointManager(
+    output,
     item_names=('params', 'config', 'tokenizer'),
     options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
   ) as manager:
-    model = np.frombuffer(pathlib.Path(tokenizer_path).read_bytes(), np.uint8)
     manager.save(
       0,
       args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
-        config=ocp.args.JsonSave(config),
-        tokenizer=ocp.args.StandardSave({'model': model}),
+        config=ocp.args.JsonSave(meta.config),
+        tokenizer=ocp.args.StandardSave(meta.tokenizer),
       ),
     )
+  size = sum(p.stat().st_size for p in output.rglob('*') if p.is_file())
+  return {'step': step, 'output': str(output), 'bytes': size}
 
 
-def restore_params(workdir, abstract_params, step: int | None = None):
-  """Reads only the params of a training checkpoint (latest unless `step`).
-
-  Args:
-    workdir: A run directory (its checkpoints/ subdirectory is read).
-    abstract_params: ShapeDtypeStructs with shardings for the params.
-    step: Which step; None = the latest.
+def load_params(directory):
+  """Reads a params-only checkpoint written by `to_params` (onto one device).
 
   Returns:
-    (step, params, config dict).
+    (params, config dict, tokenizer model bytes).
   """
-  directory = (pathlib.Path(workdir) / 'checkpoints').absolute()
-  with ocp.CheckpointManager(
-    directory,
-    item_names=('state', 'config'),
-    item_handlers={'state': ocp.PyTreeCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()},
-    options=ocp.CheckpointManagerOptions(read_only=True),
-  ) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'{directory} holds no checkpoint.')
-    restore_args = jax.tree.map(
-      lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), abstract_params
+  directory = pathlib.Path(directory).absolute()
+  handlers = {
+    'params': ocp.StandardCheckpointHandler(),
+    'config': ocp.JsonCheckpointHandler(),
+    'tokenizer': ocp.StandardCheckpointHandler(),
+  }
+  with _read_only(directory, ('params', 'config', 'tokenizer'), handlers) as manager:
+    if manager.latest_step() is None:
+      raise FileNotFoundError(
+        f'{directory} is not a params-only checkpoint (`convert --to_params`).'
+      )
+    meta = manager.restore(
+      0,
+      args=ocp.args.Composite(config=ocp.args.JsonRestore(), tokenizer=ocp.args.StandardRestore()),
     )
-    restored = manager.restore(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-          item={'params': abstract_params},
-          restore_args={'params': restore_args},
-          partial_restore=True,
-        ),
-        config=ocp.args.JsonRestore(),
-      ),
+    saved = manager.item_metadata(0)['params']
+    dtypes = {_key(p): x.dtype for p, x in jax.tree_util.tree_flatten_with_path(_tree(saved))[0]}
+    abstract = _abstract_params(meta.config)
+    abstract = jax.tree_util.tree_map_with_path(
+      lambda p, x: jax.ShapeDtypeStruct(x.shape, dtypes[_key(p)], sharding=x.sharding), abstract
     )
-  return step, restored.state['params'], restored.config
+    params = manager.restore(
+      0, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
+    ).params
+  return params, meta.config, np.asarray(meta.tokenizer['model']).tobytes()

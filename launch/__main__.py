@@ -4,6 +4,7 @@ Commands:
   train             Train (or resume) the config into --workdir.
   tokenizer train   Train a sentencepiece BPE tokenizer for code on --input.
   data prepare      Filter, deduplicate and tokenize --input into ArrayRecord shards.
+  convert           --to_params: a run's latest checkpoint -> params only, in --dtype.
 
 Examples:
   python -m launch train
@@ -13,6 +14,8 @@ Examples:
       --vocab_size=32000 --sample_mb=2048
   python -m launch data prepare --input=~/code,dump.jsonl.gz --output=data/code \\
       --tokenizer=tok.model
+  python -m launch convert --to_params --dtype=bfloat16 --workdir=runs/default \\
+      --output=params/default
 """
 
 import logging as std_logging
@@ -25,7 +28,7 @@ from absl import logging
 from ml_collections import config_flags
 
 _CONFIGS = pathlib.Path(__file__).resolve().parent.parent / 'configs'
-COMMANDS = ('train', 'tokenizer train', 'data prepare')
+COMMANDS = ('train', 'tokenizer train', 'data prepare', 'convert')
 
 config_flags.DEFINE_config_file(
   'config',
@@ -56,6 +59,11 @@ _NEAR_DUP = flags.DEFINE_float(
 _HELDOUT = flags.DEFINE_float('heldout_fraction', 0.005, 'data prepare: documents held out.')
 _SHARD_MB = flags.DEFINE_float('shard_mb', 256, 'data prepare: target MiB per output shard.')
 _KEEP_WORK = flags.DEFINE_bool('keep_work', False, 'data prepare: keep output/work.')
+
+# convert
+_TO_PARAMS = flags.DEFINE_bool('to_params', False, 'convert: write a params-only checkpoint.')
+_DTYPE = flags.DEFINE_string('dtype', 'bfloat16', 'convert: dtype of the written params.')
+_STEP = flags.DEFINE_integer('step', None, 'convert: checkpoint step; default the latest.')
 
 
 def _workdir() -> pathlib.Path:
@@ -134,7 +142,26 @@ def _data_prepare():
   )
 
 
-_RUN = {'train': _train, 'tokenizer train': _tokenizer_train, 'data prepare': _data_prepare}
+def _convert():
+  from clm_jax import checkpoint
+
+  if not _TO_PARAMS.value:
+    raise app.UsageError('convert: say what to convert to (--to_params).')
+  _need('output')
+  out = checkpoint.to_params(_workdir(), _OUTPUT.value, dtype=_DTYPE.value, step=_STEP.value)
+  print(
+    f'Wrote the params of step {out["step"]} of {_workdir()} as {_DTYPE.value} to '
+    f'{out["output"]} ({out["bytes"] / 2**20:.1f} MiB).',
+    flush=True,
+  )
+
+
+_RUN = {
+  'train': _train,
+  'tokenizer train': _tokenizer_train,
+  'data prepare': _data_prepare,
+  'convert': _convert,
+}
 
 
 def main(argv):
@@ -156,6 +183,7 @@ def main(argv):
     records.DataError,
     checkpoint.CheckpointError,
     FileNotFoundError,
+    FileExistsError,
   ) as e:
     sys.exit(f'error: {e}')
 

@@ -6,11 +6,16 @@ import pathlib
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import cli
+import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from clm_jax import checkpoint
@@ -155,8 +160,6 @@ def _save(c, s, ckpt, step, state, tokenizer_path, data_it):
 @pytest.fixture
 def saved_2x2x2(tiny_config, tmp_path):
   """A (2, 2, 2) run saved after 2 steps, and its loss at step 3 had it gone on."""
-  import grain  # noqa: PLC0415
-
   c = tiny_config
   c.train.microbatches = 2
   tok = tmp_path / 'tok.model'
@@ -210,3 +213,68 @@ def test_damaged_and_partial_steps_are_skipped_with_a_warning(saved_2x2x2, caplo
   assert f'checkpoint {directory / "4"} is unreadable' in caplog.text
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(s.to_checkpoint(state).params), saved)
   assert not (directory / '6.orbax-checkpoint-tmp-123').exists()
+
+
+def test_convert_to_params_writes_a_small_bf16_params_only_checkpoint(cache, tmp_path):
+  run = tmp_path / 'run'
+  cli.train(run, cache, '--config.train.steps=2')
+  out = cli.launch(
+    'convert', '--to_params', '--dtype=bfloat16', f'--workdir={run}', f'--output={tmp_path / "p"}',
+    cache=cache,
+  )  # fmt: skip
+  assert 'Wrote the params of step 2' in out.stdout
+  params, config, tokenizer_bytes = checkpoint.load_params(tmp_path / 'p')
+  assert tokenizer_bytes == (run / 'tokenizer.model').read_bytes()
+  assert config['model']['d_model'] == 64
+  with ocp.StandardCheckpointer() as reader:  # Orbax itself, no code of ours.
+    state = reader.restore(run / 'checkpoints' / '2' / 'state')
+  want = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16), state['params'])
+  assert jax.tree.structure(params) == jax.tree.structure(want)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_array_equal(np.asarray(a), b) or a.dtype == jnp.bfloat16,
+    params,
+    want,
+  )
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
+  size = lambda d: sum(p.stat().st_size for p in d.rglob('*') if p.is_file())  # noqa: E731
+  assert size(tmp_path / 'p') < size(run / 'checkpoints' / '2' / 'state') / 3
+  again = cli.launch(
+    'convert', '--to_params', f'--workdir={run}', f'--output={tmp_path / "p"}', cache=cache,
+    check=False,
+  )  # fmt: skip
+  assert again.returncode != 0 and 'exists' in again.stderr
+
+
+def test_keeps_the_latest_and_every_kth_step(tiny_config, tmp_path):
+  c = tiny_config
+  c.checkpoint.update(keep=2, keep_period=4)
+  tokenizer = tmp_path / 'tok.model'
+  tokenizer.write_bytes(b'a tokenizer')
+  data_it = iter(grain.MapDataset.range(4).to_iter_dataset())
+  ckpt = checkpoint.Checkpointer(tmp_path, c.checkpoint)
+  for step in range(1, 11):
+    state = {'x': np.full(3, step, np.float32)}
+    ckpt.save(step, state, data_it, config={}, tokenizer_path=tokenizer, loop={})
+  ckpt.wait()
+  assert ckpt.all_steps() == [4, 8, 9, 10]
+  ckpt.close()
+
+
+def test_a_second_signal_exits_at_once(tmp_path):
+  script = tmp_path / 'stop.py'
+  script.write_text(
+    'import os, signal, time\n'
+    'from clm_jax import preemption\n'
+    'with preemption.StopRequest() as stop:\n'
+    '  os.kill(os.getpid(), signal.SIGTERM)\n'
+    '  assert stop.requested() and stop.signal_name == "SIGTERM"\n'
+    '  print("first handled", flush=True)\n'
+    '  os.kill(os.getpid(), signal.SIGINT)\n'
+    '  time.sleep(30)\n'
+  )
+  out = subprocess.run(
+    [sys.executable, str(script)], capture_output=True, text=True, cwd=cli.ROOT, timeout=60
+  )
+  assert out.stdout == 'first handled\n'
+  assert out.returncode == 128 + signal.SIGINT
+  assert 'SIGINT again: exiting now' in out.stderr

@@ -195,7 +195,9 @@ def test_checkpoint_saved_under_one_layout_restores_under_another(config, tmp_pa
     state, _ = s.train_step(state, sharding.host_to_global(_batch(config), mesh))
     saved = jax.device_get(pipeline.to_layer_order(state.params, s.layer_order))
     ckpt = checkpoint.Checkpointer(tmp_path, config.checkpoint)
-    ckpt.save(1, s.to_checkpoint(state), data_it)
+    tokenizer = tmp_path / 'tok.model'
+    tokenizer.write_bytes(b'a tokenizer')
+    ckpt.save(1, s.to_checkpoint(state), data_it, config={}, tokenizer_path=tokenizer, loop={})
     ckpt.wait()
     stored = jax.device_get(state)
   assert not np.array_equal(  # The test would prove nothing otherwise.
@@ -206,9 +208,10 @@ def test_checkpoint_saved_under_one_layout_restores_under_another(config, tmp_pa
     mesh, s = _setup(config, data, 1, stages, virtual)
     with jax.set_mesh(mesh):
       target = jax.eval_shape(s.init_state, jax.random.key(0))
-      restored = s.from_checkpoint(ckpt.restore(1, target, data_it))
+      step, restored, _ = ckpt.restore_latest(target, data_it)
+      restored = s.from_checkpoint(restored)
       params = jax.device_get(pipeline.to_layer_order(restored.params, s.layer_order))
       mu = restored.opt_state.inner_state[1][0].mu
     jax.tree.map(np.testing.assert_array_equal, params, saved)
-    assert int(restored.step) == 1 and jax.tree.leaves(mu)[0].sharding.mesh == mesh
+    assert step == int(restored.step) == 1 and jax.tree.leaves(mu)[0].sharding.mesh == mesh
   ckpt.close()
