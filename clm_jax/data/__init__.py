@@ -1,5 +1,7 @@
-"""Training data: corpus sources and the Grain input pipeline.
+"""Training data: sources, preparation, and the Grain input pipeline.
 
-`sources` decides which files make a corpus and how they split into train and
-held-out sets; `pipeline` turns a split into packed batches of token ids.
+`sources` reads trees, JSONL and Parquet into documents; `filters` and
+`dedup` decide which to keep; `prepare` writes them as ArrayRecord shards
+(`records`); `fim` rearranges documents for infilling; `pipeline` turns
+documents into packed batches of token ids.
 """
