@@ -66,7 +66,8 @@ def grads_and_loss(graphdef, params, batch, schedule, microbatches: int, loss_ch
   """Gradient of the token-weighted mean loss over all micro-batches.
 
   Each pass sends `schedule.microbatches` micro-batches through the pipeline
-  (all of them when there are several stages, one at a time otherwise).
+  (with several stages mesh.pipeline_microbatches of them, default all; with
+  one stage, one at a time).
   Sums of losses and gradients are accumulated in float32 over the passes and
   divided by the number of real targets once at the end, so the result equals
   one large batch.

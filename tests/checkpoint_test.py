@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import batches
 import cli
 import grain
 import jax
@@ -135,16 +136,6 @@ def _setup(c, data, tensor, stages):
   return mesh, train.setup(c, mesh)
 
 
-def _batch(c, seed):
-  rng = np.random.default_rng(seed)
-  B, T = c.train.global_batch_size, c.train.seq_len
-  return {
-    'tokens': rng.integers(0, c.model.vocab_size, (B, T)).astype(np.int32),
-    'segment_ids': np.ones((B, T), np.int32),
-    'positions': np.tile(np.arange(T, dtype=np.int32), (B, 1)),
-  }
-
-
 def _save(c, s, ckpt, step, state, tokenizer_path, data_it):
   ckpt.save(
     step,
@@ -170,10 +161,10 @@ def saved_2x2x2(tiny_config, tmp_path):
   with jax.set_mesh(mesh):
     state = s.init_state(jax.random.key(0))
     for i in range(2):
-      state, _ = s.train_step(state, sharding.host_to_global(_batch(c, i), mesh))
+      state, _ = s.train_step(state, sharding.host_to_global(batches.packed_batch(c, i), mesh))
     _save(c, s, ckpt, 2, state, tok, data_it)
     params = jax.device_get(s.to_checkpoint(state).params)
-    _, m = s.train_step(state, sharding.host_to_global(_batch(c, 2), mesh))
+    _, m = s.train_step(state, sharding.host_to_global(batches.packed_batch(c, 2), mesh))
   return c, ckpt, data_it, params, float(m['loss'])
 
 
@@ -190,7 +181,7 @@ def test_restore_on_another_mesh_gives_the_same_params_and_next_loss(
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), saved)
     wq = state.params['blocks']['attn']['wq']
     assert wq.sharding.mesh == mesh
-    _, m = s.train_step(state, sharding.host_to_global(_batch(c, 2), mesh))
+    _, m = s.train_step(state, sharding.host_to_global(batches.packed_batch(c, 2), mesh))
   np.testing.assert_allclose(float(m['loss']), next_loss, rtol=1e-6)
 
 

@@ -267,20 +267,14 @@ def test_process_shards_are_disjoint(corpus, tok):
   assert collections.Counter(shards[0]) + collections.Counter(shards[1]) == everything
 
 
-@pytest.mark.parametrize('consumed', [1, 2, 5, 20])
-def test_restored_state_resumes_the_same_batches(corpus, tok, consumed):
-  root, _ = corpus
-  c_data = _data_config(path=str(root))
-
-  def make():
-    return pipeline.make_dataset(c_data, tok, seq_len=SEQ_LEN, batch_size=3, split='train', seed=1)
-
+def _assert_resumes(make, consumed, n):
+  """A state saved after `consumed` batches restores to the same next `n` batches."""
   it = iter(make())
-  for _ in range(consumed):  # 20: past the first epoch boundary and mid-document.
+  for _ in range(consumed):
     next(it)
   # Checkpoints store the state as JSON; it must survive that.
   state = json.loads(json.dumps(it.get_state()))
-  expected = [next(it) for _ in range(6)]
+  expected = [next(it) for _ in range(n)]
   it.close()
   resumed = iter(make())
   resumed.set_state(state)
@@ -289,6 +283,18 @@ def test_restored_state_resumes_the_same_batches(corpus, tok, consumed):
     for key in want:
       np.testing.assert_array_equal(got[key], want[key])
   resumed.close()
+
+
+@pytest.mark.parametrize('consumed', [1, 2, 5, 20])
+def test_restored_state_resumes_the_same_batches(corpus, tok, consumed):
+  root, _ = corpus
+  c_data = _data_config(path=str(root))
+
+  def make():
+    return pipeline.make_dataset(c_data, tok, seq_len=SEQ_LEN, batch_size=3, split='train', seed=1)
+
+  # 20: past the first epoch boundary and mid-document.
+  _assert_resumes(make, consumed, 6)
 
 
 def test_make_dataset_rejects_bad_arguments(corpus, tok):
@@ -400,22 +406,10 @@ def test_prepared_stream_resumes_exactly(prepared, tok, workers):
   def make():
     return pipeline.make_dataset(c_data, tok, seq_len=SEQ_LEN, batch_size=2, split='train', seed=1)
 
-  it = iter(make())
-  first = [next(it) for _ in range(12)]
-  state = json.loads(json.dumps(it.get_state()))
-  expected = [next(it) for _ in range(4)]
-  it.close()
-  again = iter(make())
-  for want in first:
-    np.testing.assert_array_equal(next(again)['tokens'], want['tokens'])
-  again.close()
-  resumed = iter(make())
-  resumed.set_state(state)
-  for want in expected:
-    got = next(resumed)
-    for key in want:
-      np.testing.assert_array_equal(got[key], want[key])
-  resumed.close()
+  first = _take(make(), 12)
+  for want, got in zip(first, _take(make(), 12), strict=True):  # Deterministic.
+    np.testing.assert_array_equal(got['tokens'], want['tokens'])
+  _assert_resumes(make, 12, 4)
 
 
 def test_prepared_data_needs_its_own_tokenizer(prepared, tok, tmp_path):

@@ -3,6 +3,7 @@
 import functools
 import re
 
+import batches
 import grain
 import jax
 import numpy as np
@@ -14,22 +15,6 @@ from clm_jax import sharding
 from clm_jax import train
 
 MICROBATCHES = 8
-
-
-def _batch(c, seed=0):
-  rng = np.random.default_rng(seed)
-  B, T = c.train.global_batch_size, c.train.seq_len
-  cut = rng.integers(4, T - 4, B)  # Two documents per row, then padding.
-  idx = np.arange(T)[None]
-  segments = np.where(idx < cut[:, None], 1, 2).astype(np.int32)
-  segments[:, -3:] = 0
-  positions = np.where(idx < cut[:, None], idx, idx - cut[:, None]) * (segments > 0)
-  tokens = rng.integers(0, c.model.vocab_size, (B, T))
-  return {
-    'tokens': tokens.astype(np.int32),
-    'segment_ids': segments,
-    'positions': positions.astype(np.int32),
-  }
 
 
 @pytest.fixture
@@ -61,7 +46,7 @@ def _loss_and_grads(c, data, tensor, stages, virtual, params):
   )
   with jax.set_mesh(mesh):
     stored = jax.device_put(pipeline.to_storage(params, s.layer_order), s.state_shardings.params)
-    batch = sharding.host_to_global(_batch(c), mesh)
+    batch = sharding.host_to_global(batches.packed_batch(c), mesh)
     loss, count, grads = fn(stored, batch)
     grads = pipeline.to_layer_order(grads, s.layer_order)
   return float(loss), float(count), jax.device_get(grads)
@@ -129,7 +114,7 @@ def _train_losses(c, data, tensor, stages, virtual=1, steps=5):
   with jax.set_mesh(mesh):
     state = s.init_state(jax.random.key(0))
     for i in range(steps):
-      state, m = s.train_step(state, sharding.host_to_global(_batch(c, i), mesh))
+      state, m = s.train_step(state, sharding.host_to_global(batches.packed_batch(c, i), mesh))
       losses.append(float(m['loss']))
     params = jax.device_get(pipeline.to_layer_order(state.params, s.layer_order))
   return losses, params
@@ -150,7 +135,7 @@ def test_stages_hold_their_layers_and_pass_activations_by_collective_permute(con
   mesh, s = _setup(config, 1, 1, 4)
   with jax.set_mesh(mesh):
     state = s.init_state(jax.random.key(0))
-    batch = sharding.host_to_global(_batch(config), mesh)
+    batch = sharding.host_to_global(batches.packed_batch(config), mesh)
     hlo = s.train_step.lower(state, batch).compile().as_text()
   for leaf in jax.tree.leaves(state.params['blocks']):
     assert leaf.addressable_shards[0].data.shape[0] == leaf.shape[0] // 4
@@ -192,7 +177,7 @@ def test_checkpoint_saved_under_one_layout_restores_under_another(config, tmp_pa
   mesh, s = _setup(config, 1, 1, 4, 2)  # Circular: storage order is not layer order.
   with jax.set_mesh(mesh):
     state = s.init_state(jax.random.key(0))
-    state, _ = s.train_step(state, sharding.host_to_global(_batch(config), mesh))
+    state, _ = s.train_step(state, sharding.host_to_global(batches.packed_batch(config), mesh))
     saved = jax.device_get(pipeline.to_layer_order(state.params, s.layer_order))
     ckpt = checkpoint.Checkpointer(tmp_path, config.checkpoint)
     tokenizer = tmp_path / 'tok.model'

@@ -1,5 +1,6 @@
 """Every mesh gives the one-device result; the rules table puts each parameter where Megatron does."""
 
+import batches
 import jax
 import numpy as np
 import pytest
@@ -7,23 +8,6 @@ from jax.sharding import PartitionSpec as P
 
 from clm_jax import sharding
 from clm_jax import train
-
-
-def _batch(c, seed=0):
-  rng = np.random.default_rng(seed)
-  B, T = c.train.global_batch_size, c.train.seq_len
-  # Two documents and some padding per row, at different offsets per row.
-  cut = rng.integers(4, T - 4, B)
-  idx = np.arange(T)[None]
-  segments = np.where(idx < cut[:, None], 1, 2).astype(np.int32)
-  segments[:, -3:] = 0
-  positions = np.where(idx < cut[:, None], idx, idx - cut[:, None]).astype(np.int32)
-  tokens = rng.integers(0, c.model.vocab_size, (B, T)).astype(np.int32)
-  return {
-    'tokens': tokens,
-    'segment_ids': segments,
-    'positions': positions * (segments > 0),
-  }
 
 
 def _train(c, data, tensor, fsdp=False, steps=3):
@@ -34,7 +18,7 @@ def _train(c, data, tensor, fsdp=False, steps=3):
   with jax.set_mesh(mesh):
     state = s.init_state(jax.random.key(0))
     for i in range(steps):
-      state, m = s.train_step(state, sharding.host_to_global(_batch(c, i), mesh))
+      state, m = s.train_step(state, sharding.host_to_global(batches.packed_batch(c, i), mesh))
       losses.append(float(m['loss']))
       grad_norm = float(m['grad_norm'])
   return losses, grad_norm, jax.device_get(state.params), state
