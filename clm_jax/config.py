@@ -179,6 +179,12 @@ def _check_values(c, num_devices, errors):
     errors.append(
       f'train.loss_chunk_len={t.loss_chunk_len} must be 0 or divide train.seq_len={t.seq_len}'
     )
+  streams = stream_count(c.data, t.global_batch_size)
+  if t.global_batch_size % streams:
+    errors.append(
+      f'data.streams={c.data.streams} must divide train.global_batch_size='
+      f'{t.global_batch_size}: every stream gives each batch the same number of rows'
+    )
   if t.global_batch_size % t.microbatches:
     errors.append(
       f'train.global_batch_size={t.global_batch_size} is not divisible by '
@@ -229,6 +235,11 @@ def _check_values(c, num_devices, errors):
     if m[key] % tensor:
       errors.append(f'model.{key}={m[key]} is not divisible by mesh.tensor={tensor}')
   # kv heads that do not divide over 'tensor' are replicated (sharding.py), not an error.
+
+
+def stream_count(c_data: ml_collections.ConfigDict, batch_size: int) -> int:
+  """Packed streams a batch of `batch_size` rows is drawn from: at most one per row."""
+  return min(max(c_data.streams, 1), batch_size)
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:

@@ -27,16 +27,13 @@ class NonFiniteError(RuntimeError):
   """Too many consecutive steps had a non-finite loss or gradient."""
 
 
-def _datasets(c, tok):
-  """(train iterator, held-out dataset) of this process's share of the rows."""
-  procs, index = jax.process_count(), jax.process_index()
-  local_batch = c.train.global_batch_size // procs
+def _datasets(c, tok, mesh):
+  """(train iterator, held-out dataset) of this process's rows of the global batches."""
   kwargs = dict(
     seq_len=c.train.seq_len,
-    batch_size=local_batch,
+    batch_size=c.train.global_batch_size,
     seed=c.train.seed,
-    shard_index=index,
-    shard_count=procs,
+    rows=sharding.process_rows(mesh, c.train.global_batch_size),
   )
   train_ds = pipeline.make_dataset(c.data, tok, split='train', **kwargs)
   heldout_ds = None
@@ -45,13 +42,13 @@ def _datasets(c, tok):
   return iter(train_ds), heldout_ds
 
 
-def evaluate(s: train.Setup, params, heldout_ds, num_batches: int) -> float:
+def evaluate(s: train.Setup, params, heldout_ds, num_batches: int, batch_size: int) -> float:
   """Mean held-out loss per target token over the first `num_batches` batches."""
   total, count = 0.0, 0.0
   it = iter(heldout_ds)
   try:
     for _ in range(num_batches):
-      loss_sum, n = s.eval_step(params, sharding.host_to_global(next(it), s.mesh))
+      loss_sum, n = s.eval_step(params, sharding.host_to_global(next(it), s.mesh, batch_size))
       total, count = total + float(loss_sum), count + float(n)
   finally:
     it.close()
@@ -72,7 +69,7 @@ def run(c, workdir: str | pathlib.Path) -> dict:
     shutil.copyfile(tok.path, workdir / 'tokenizer.model')
   mesh = sharding.make_mesh(c.mesh)
   s = train.setup(c, mesh)
-  train_it, heldout_ds = _datasets(c, tok)
+  train_it, heldout_ds = _datasets(c, tok, mesh)
 
   flops_per_token = flops.train_flops_per_token(s.model_cfg, c.train.seq_len)
   peak = flops.peak_tflops(jax.devices()[0], c.train.peak_tflops)
@@ -144,7 +141,7 @@ def run(c, workdir: str | pathlib.Path) -> dict:
 
     step = start
     for step in range(start + 1, c.train.steps + 1):
-      batch = sharding.host_to_global(next(train_it), mesh)
+      batch = sharding.host_to_global(next(train_it), mesh, c.train.global_batch_size)
       state, metrics = s.train_step(state, batch)
       if pending:
         finish(*pending)
@@ -153,7 +150,9 @@ def run(c, workdir: str | pathlib.Path) -> dict:
       if (evaluate_now or step == c.train.steps) and heldout_ds is not None:
         finish(*pending)
         pending = None
-        eval_loss = evaluate(s, state.params, heldout_ds, c.train.eval_batches)
+        eval_loss = evaluate(
+          s, state.params, heldout_ds, c.train.eval_batches, c.train.global_batch_size
+        )
         last = {
           **last,
           'eval_loss': eval_loss,
@@ -162,7 +161,7 @@ def run(c, workdir: str | pathlib.Path) -> dict:
         writer.write(step, {'eval_loss': eval_loss, 'eval_perplexity': last['eval_perplexity']})
         writer.progress(step, {'eval_loss': eval_loss})
         meter.restart()  # Evaluation time is not step time.
-      stopping = stop.requested()
+      stopping = stop.requested(step)
       if step % c.checkpoint.every == 0 or step == c.train.steps or stopping:
         # The saved meter must hold this step's loss; the save waits for this
         # step's state anyway, so reading its metrics now costs nothing.

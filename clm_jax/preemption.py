@@ -4,7 +4,9 @@ Clusters preempt with SIGTERM and a grace period; a user stops with Ctrl-C.
 The first signal only sets a flag that the loop reads between steps; a
 second one exits the process at once (the last finished checkpoint stays).
 With several processes the flag is agreed on by all of them, so they stop
-at the same step and save together.
+at the same step and save together: each step, every process posts its flag
+to the distributed runtime's key-value store and meets the others at a
+barrier, host to host, so the devices never wait for it.
 """
 
 import os
@@ -12,10 +14,12 @@ import signal
 import sys
 
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
+from jax._src import distributed as jax_distributed
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Processes run in step with one another; a slower one is a hang, which the
+# runtime's heartbeats end well before this.
+BARRIER_TIMEOUT_MS = 30 * 60 * 1000
 
 
 class StopRequest:
@@ -49,9 +53,19 @@ class StopRequest:
   def signal_name(self) -> str | None:
     return None if self._signal is None else signal.Signals(self._signal).name
 
-  def requested(self) -> bool:
-    """Whether any process was asked to stop (a collective when there are several)."""
+  def requested(self, step: int) -> bool:
+    """Whether any process was asked to stop; every process calls this at every step."""
     local = self._signal is not None
     if jax.process_count() == 1:
       return local
-    return bool(np.any(multihost_utils.process_allgather(np.array(local))))
+    # jax.distributed's client; Orbax reaches it the same way, as JAX has no public handle.
+    client = jax_distributed.global_state.client
+    key = f'clm_jax/stop/{step}'
+    client.key_value_set(f'{key}/{jax.process_index()}', str(int(local)))
+    # Every process has posted its flag for `step` once all are past the barrier.
+    client.wait_at_barrier(f'clm_jax/stop_barrier/{step}', BARRIER_TIMEOUT_MS)
+    flags = [value for _, value in client.key_value_dir_get(key)]
+    if step > 1:
+      # Everyone read step-1's flags before reaching this barrier.
+      client.key_value_delete(f'clm_jax/stop/{step - 1}/{jax.process_index()}')
+    return '1' in flags

@@ -125,9 +125,34 @@ def constrain_stage(x: jax.Array) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, P(axis, *free))
 
 
-def host_to_global(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict:
-  """Global arrays from this process's rows of a batch (one host or many)."""
+def process_rows(mesh: jax.sharding.Mesh, batch_size: int) -> tuple[int, int]:
+  """The rows [lo, hi) of every global batch that this process's devices hold.
+
+  Rows are split over 'data' only, so a process whose devices span several
+  'data' positions holds a contiguous block of rows (jax.make_mesh keeps a
+  process's devices together), and processes that differ only in their
+  'tensor' or 'pipeline' position hold the same rows.
+  """
+  indices = batch_sharding(mesh).addressable_devices_indices_map((batch_size, 1)).values()
+  starts = sorted({index[0].indices(batch_size)[:2] for index in indices})
+  lo, hi = starts[0][0], starts[-1][1]
+  covered = sum(stop - start for start, stop in starts)
+  if covered != hi - lo:
+    raise ValueError(f'process {jax.process_index()} holds rows {starts}, not one block.')
+  return lo, hi
+
+
+def host_to_global(
+  batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh, batch_size: int | None = None
+) -> dict:
+  """Global [batch_size, ...] arrays from this process's rows (`process_rows`) of a batch.
+
+  Without `batch_size`, every process is taken to hold its own equal share.
+  """
   sharding = batch_sharding(mesh)
-  return {
-    k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
-  }
+  out = {}
+  for key, value in batch.items():
+    value = np.asarray(value)
+    global_shape = None if batch_size is None else (batch_size, *value.shape[1:])
+    out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+  return out

@@ -19,6 +19,7 @@ Examples:
 """
 
 import logging as std_logging
+import os
 import pathlib
 import sys
 
@@ -28,7 +29,7 @@ from absl import logging
 from ml_collections import config_flags
 
 _CONFIGS = pathlib.Path(__file__).resolve().parent.parent / 'configs'
-COMMANDS = ('train', 'tokenizer train', 'data prepare', 'convert')
+COMMANDS = ('train', 'tokenizer train', 'data prepare', 'convert', 'slurm', 'sweep')
 
 config_flags.DEFINE_config_file(
   'config',
@@ -37,6 +38,47 @@ config_flags.DEFINE_config_file(
   lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory; default runs/<config file name>.')
+
+# train: the distributed runtime (clm_jax/distributed.py says where the layout comes from)
+_COORDINATOR = flags.DEFINE_string(
+  'coordinator_address', None, 'HOST:PORT of process 0; else $JAX_COORDINATOR_ADDRESS or SLURM/MPI.'
+)
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in [0, num_processes).')
+_LOCAL_DEVICE_IDS = flags.DEFINE_list(
+  'local_device_ids', None, 'GPUs this process drives (one process per GPU); default all.'
+)
+_HEARTBEAT = flags.DEFINE_integer(
+  'heartbeat_timeout', 100, 'Seconds of silence after which a process counts as lost.'
+)
+_INIT_TIMEOUT = flags.DEFINE_integer(
+  'init_timeout', 300, 'Seconds to wait for every process to join.'
+)
+_SPAWN = flags.DEFINE_integer(
+  'spawn', 0, 'Run this many processes on this machine, joined over 127.0.0.1.'
+)
+_GPU_DEFAULTS = flags.DEFINE_bool(
+  'gpu_defaults', True, 'On GPUs, set the XLA / NCCL defaults of clm_jax/gpu_env.py.'
+)
+
+# slurm
+_NODES = flags.DEFINE_integer('nodes', 1, 'slurm: nodes.')
+_GPUS_PER_NODE = flags.DEFINE_integer('gpus_per_node', 8, 'slurm: GPUs per node.')
+_PER = flags.DEFINE_enum('per', 'node', ['node', 'gpu'], 'slurm: one process per node or GPU.')
+_PARTITION = flags.DEFINE_string('partition', '', 'slurm: partition; default the cluster default.')
+_TIME = flags.DEFINE_string('time', '', 'slurm: time limit (e.g. 48:00:00); requeued when hit.')
+_ACCOUNT = flags.DEFINE_string('account', '', 'slurm: account to charge.')
+_LOG_DIR = flags.DEFINE_string('slurm_logs', 'logs', 'slurm: directory of the per-node logs.')
+_SLURM_ONLY = (
+  'nodes',
+  'gpus_per_node',
+  'per',
+  'partition',
+  'time',
+  'account',
+  'slurm_logs',
+  'output',
+)
 
 # tokenizer train, data prepare
 _INPUT = flags.DEFINE_list('input', [], 'Directories, JSONL(.gz) or Parquet files.')
@@ -95,7 +137,58 @@ def _need(*names):
     raise app.UsageError(f'{" and ".join(missing)} required.')
 
 
+def _without(args: list[str], names) -> list[str]:
+  """`args` less the flags `names`, in either --name=value or --name value form."""
+  out, skip_value = [], False
+  for arg in args:
+    name = arg.lstrip('-').split('=', 1)[0]
+    if skip_value:
+      skip_value = False
+    elif arg.startswith('-') and name in names:
+      # Booleans (--nofoo, --foo) never take a separate value; these flags all do.
+      skip_value = '=' not in arg
+    else:
+      out.append(arg)
+  return out
+
+
+def _slurm():
+  from clm_jax import slurm
+
+  args = list(sys.argv[1:])
+  args.remove('slurm')
+  args = _without(args, _SLURM_ONLY)
+  if not any(a.startswith('--config=') for a in args):
+    args.insert(0, f'--config={flags.FLAGS["config"].config_filename}')
+  if not _WORKDIR.value:
+    args.append(f'--workdir={_workdir()}')
+  text = slurm.sbatch_script(
+    args,
+    nodes=_NODES.value,
+    gpus_per_node=_GPUS_PER_NODE.value,
+    per=_PER.value,
+    job_name=_workdir().name,
+    partition=_PARTITION.value,
+    time=_TIME.value,
+    account=_ACCOUNT.value,
+    log_dir=_LOG_DIR.value,
+  )
+  path = slurm.write_sbatch(_OUTPUT.value or f'slurm/{_workdir().name}.sbatch', text)
+  # Slurm opens the job's log before the script runs: the directory must exist.
+  pathlib.Path(_LOG_DIR.value).mkdir(parents=True, exist_ok=True)
+  print(f'Wrote {path}: {_NODES.value} nodes x {_GPUS_PER_NODE.value} GPUs. Submit with:')
+  print(f'  sbatch {path}')
+
+
 def _train():
+  from clm_jax import distributed
+
+  layout = distributed.resolve(
+    _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICE_IDS.value
+  )
+  distributed.initialize(
+    layout, heartbeat_timeout=_HEARTBEAT.value, init_timeout=_INIT_TIMEOUT.value
+  )
   from clm_jax import loop
 
   loop.run(flags.FLAGS.config, _workdir())
@@ -161,6 +254,7 @@ _RUN = {
   'tokenizer train': _tokenizer_train,
   'data prepare': _data_prepare,
   'convert': _convert,
+  'slurm': _slurm,
 }
 
 
@@ -171,9 +265,25 @@ def main(argv):
       f'usage: python -m launch {{{"|".join(COMMANDS)}}} [flags]; got {argv[1:]}'
     )
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  if command == 'train' and _GPU_DEFAULTS.value:
+    from clm_jax import gpu_env
+
+    # Before any JAX backend starts: XLA reads its flags once, at start-up.
+    if gpu_env.gpu_present() and (changed := gpu_env.apply(os.environ)):
+      logging.info('GPU defaults: %s', ' '.join(f'{k}={v}' for k, v in changed.items()))
+  if _SPAWN.value:
+    from clm_jax import spawn
+
+    if command != 'train':
+      raise app.UsageError('--spawn runs `train` only.')
+    # The others notice a lost process within a heartbeat; then they are ended.
+    sys.exit(
+      spawn.run(_without(sys.argv[1:], ('spawn',)), _SPAWN.value, grace=_HEARTBEAT.value + 30)
+    )
   # Imported here so that `--help` and usage errors need no JAX start-up.
   from clm_jax import checkpoint
   from clm_jax import config as config_lib
+  from clm_jax import distributed
   from clm_jax.data import records
 
   try:
@@ -182,6 +292,7 @@ def main(argv):
     config_lib.ConfigError,
     records.DataError,
     checkpoint.CheckpointError,
+    distributed.DistributedError,
     FileNotFoundError,
     FileExistsError,
   ) as e:

@@ -258,7 +258,7 @@ def test_a_second_signal_exits_at_once(tmp_path):
     'from clm_jax import preemption\n'
     'with preemption.StopRequest() as stop:\n'
     '  os.kill(os.getpid(), signal.SIGTERM)\n'
-    '  assert stop.requested() and stop.signal_name == "SIGTERM"\n'
+    '  assert stop.requested(1) and stop.signal_name == "SIGTERM"\n'
     '  print("first handled", flush=True)\n'
     '  os.kill(os.getpid(), signal.SIGINT)\n'
     '  time.sleep(30)\n'

@@ -83,6 +83,7 @@ BAD = [
     'model.vocab_size=250',
   ),
   ({'train.global_batch_size': 6, 'train.microbatches': 4}, 1, 'train.microbatches=4'),
+  ({'train.global_batch_size': 24, 'data.streams': 16}, 1, 'data.streams=16 must divide'),
   (
     {'train.global_batch_size': 8, 'train.microbatches': 2, 'mesh.data': 8},
     8,

@@ -237,7 +237,9 @@ def test_seed_fixes_the_batches(corpus, tok):
 
 
 def _process_shards(c_data, tok, count):
-  """The documents each of `count` processes reads in one pass."""
+  """The documents each of `count` processes reads in one pass (one row of a batch each)."""
+  c_data = c_data.copy_and_resolve_references()
+  c_data.streams = count
   return [
     _documents(
       list(
@@ -245,11 +247,10 @@ def _process_shards(c_data, tok, count):
           c_data,
           tok,
           seq_len=SEQ_LEN,
-          batch_size=1,
+          batch_size=count,
           split='train',
           seed=0,
-          shard_index=i,
-          shard_count=count,
+          rows=(i, i + 1),
           repeat=False,
         )
       )
@@ -260,11 +261,33 @@ def _process_shards(c_data, tok, count):
 
 def test_process_shards_are_disjoint(corpus, tok):
   root, docs = corpus
-  c_data = _data_config(path=str(root), heldout_fraction=0.0, streams=1)
+  c_data = _data_config(path=str(root), heldout_fraction=0.0)
   shards = _process_shards(c_data, tok, 2)
   assert len(shards[0]) == len(shards[1]) == len(docs) // 2
   everything = collections.Counter(_expected(tok, docs.values()))
   assert collections.Counter(shards[0]) + collections.Counter(shards[1]) == everything
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_process_rows_put_together_are_the_global_batches(corpus, tok, workers):
+  """Batches do not depend on the process count: 1, 2 or 4 readers give the same rows."""
+  root, _ = corpus
+  c_data = _data_config(path=str(root), streams=4, workers=workers, fim_rate=0.5)
+
+  def batches(rows):
+    ds = pipeline.make_dataset(
+      c_data, tok, seq_len=SEQ_LEN, batch_size=8, split='train', seed=2, rows=rows
+    )
+    return _take(ds, 5)
+
+  whole = batches(None)
+  # Aligned with the streams (2 rows each), and not: [0, 3) shares stream 1 with [3, 8).
+  for split in ([(0, 4), (4, 8)], [(0, 2), (2, 4), (4, 6), (6, 8)], [(0, 3), (3, 8)]):
+    parts = [batches(rows) for rows in split]
+    for i, want in enumerate(whole):
+      for key in want:
+        got = np.concatenate([part[i][key] for part in parts])
+        np.testing.assert_array_equal(got, want[key])
 
 
 def _assert_resumes(make, consumed, n):
@@ -303,11 +326,11 @@ def test_make_dataset_rejects_bad_arguments(corpus, tok):
   common = dict(seq_len=SEQ_LEN, batch_size=1, seed=0)
   with pytest.raises(ValueError, match='split'):
     pipeline.make_dataset(c_data, tok, split='test', **common)
-  # 2% of 40 files holds out exactly one, so a second shard would be empty.
-  with pytest.raises(ValueError, match='Shard 1 of 2 of the heldout split'):
-    pipeline.make_dataset(c_data, tok, split='heldout', shard_index=1, shard_count=2, **common)
-  with pytest.raises(ValueError, match='shard_index'):
-    pipeline.make_dataset(c_data, tok, split='train', shard_index=2, shard_count=2, **common)
+  with pytest.raises(ValueError, match=r'rows=\[1, 3\)'):
+    pipeline.make_dataset(c_data, tok, split='train', rows=(1, 3), **common)
+  with pytest.raises(ValueError, match='data.streams=3 must divide the batch size 4'):
+    bad = _data_config(path=str(root), streams=3)
+    pipeline.make_dataset(bad, tok, split='train', **{**common, 'batch_size': 4})
 
 
 LANGUAGE_FILES = {'python': 'py', 'go': 'go', 'text': 'md'}

@@ -2,12 +2,18 @@
 
   documents of a split, per language (ArrayRecord shards of `data prepare`,
   or source files tokenized on the fly)
-  -> this process's share (process i of n takes every n-th document)
   -> (train) seeded shuffle, a new order every epoch, repeat
   -> weighted mixture over languages (`data.mixture`)
   -> fill-in-the-middle with probability `data.fim_rate`, then [bos] ... [eos]
-  -> `data.streams` packed streams: concat-then-split into rows of seq_len
-  -> rows of the streams interleaved -> batch -> `data.workers` processes -> prefetch
+  -> S = `data.streams` packed streams (stream s takes every S-th document):
+     concat-then-split into rows of seq_len
+  -> a global batch of B rows is B/S consecutive rows of each stream in turn
+  -> this process reads only the streams behind its rows of the global batch
+  -> `data.workers` processes -> prefetch
+
+The global batches are a function of the config alone: the same on one
+process or many, so a run's losses do not depend on how many hosts feed it,
+and each process reads only its share of the documents.
 
 Every step before packing is a MapDataset, i.e. a pure function of the index,
 so the only iterator state is positions; Grain's get_state()/set_state() save
@@ -28,6 +34,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
+from clm_jax import config as config_lib
 from clm_jax import tokenizer as tokenizer_lib
 from clm_jax.data import fim
 from clm_jax.data import records
@@ -44,42 +51,45 @@ def make_dataset(
   batch_size: int,
   split: str,
   seed: int,
-  shard_index: int = 0,
-  shard_count: int = 1,
+  rows: tuple[int, int] | None = None,
   repeat: bool = True,
 ) -> grain.IterDataset:
-  """Builds the packed, batched dataset of one split for one process.
+  """Builds the packed, batched dataset of one split, or a process's rows of it.
 
   Args:
     c_data: The `data` config subtree.
     tokenizer: Encodes raw documents; its bos/eos wrap each document, its
       sentinels mark infilling, and its pad id fills padding.
     seq_len: Tokens per row (T).
-    batch_size: Rows per batch on this process.
+    batch_size: Rows per global batch (B), over all processes.
     split: 'train' (shuffled with `seed`, reshuffled every epoch, mixed by
       `data.mixture`) or 'heldout' (documents in fixed order, not mixed).
     seed: Seeds the shuffle and fill-in-the-middle.
-    shard_index: This process's shard, in [0, shard_count).
-    shard_count: Processes sharing the split; shards are disjoint.
+    rows: The rows [lo, hi) of every global batch to make (this process's
+      share, `sharding.process_rows`); default all of them.
     repeat: Cycle through the documents forever; else stop after one pass
       (the last, partial batch is dropped).
 
   Returns:
     An IterDataset of {'tokens', 'segment_ids', 'positions'}, each an int32
-    array of shape [batch_size, seq_len].
+    array of shape [hi - lo, seq_len].
 
   Raises:
-    ValueError: Bad split, shard or sizes.
-    records.DataError: The data lacks a language the mixture names, leaves a
-      shard with no documents, or is missing, corrupt, or made with another
+    ValueError: Bad split, rows or sizes.
+    records.DataError: The data lacks a language the mixture names, or a
+      language has no documents, or is missing, corrupt, or made with another
       tokenizer.
   """
   if split not in SPLITS:
     raise ValueError(f'split={split!r} must be one of {SPLITS}.')
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f'shard_index={shard_index} not in [0, {shard_count}).')
   if seq_len < 1 or batch_size < 1:
     raise ValueError(f'seq_len={seq_len} and batch_size={batch_size} must be >= 1.')
+  lo, hi = rows or (0, batch_size)
+  if not 0 <= lo < hi <= batch_size:
+    raise ValueError(f'rows=[{lo}, {hi}) is not a part of a batch of {batch_size}.')
+  num_streams = config_lib.stream_count(c_data, batch_size)
+  if batch_size % num_streams:
+    raise ValueError(f'data.streams={c_data.streams} must divide the batch size {batch_size}.')
   if c_data.fim_rate > 0:
     try:
       fim.check_tokenizer(tokenizer)
@@ -102,11 +112,10 @@ def make_dataset(
 
   shards = []
   for language, ds in groups.items():
-    ds = ds[shard_index::shard_count]
     if not len(ds):
       raise records.DataError(
-        f'Shard {shard_index} of {shard_count} of the {split} split has no {language} '
-        f'documents (data.source={c_data.source!r}, data.path={c_data.path!r}).'
+        f'The {split} split has no {language} documents '
+        f'(data.source={c_data.source!r}, data.path={c_data.path!r}).'
       )
     if split == 'train':
       # Repeating a shuffled MapDataset reseeds each epoch: a new order per epoch.
@@ -128,14 +137,22 @@ def make_dataset(
 
   # Rows of one packed stream follow each other through a document, so a batch
   # drawn from one stream would hold a long document's rows and a gradient as
-  # narrow. Packing `data.streams` streams of different documents and
-  # interleaving their rows gives each batch as many documents, and stays
-  # checkpointable (unlike a row shuffle buffer).
-  num_streams = max(1, min(c_data.streams, len(ds)))
-  streams = [_packed_stream(ds[i::num_streams], seq_len, c_data) for i in range(num_streams)]
-  ds = RoundRobinIterDataset(streams)
+  # narrow. Packing S streams of different documents and taking B/S rows of
+  # each gives every batch as many documents, and stays checkpointable (unlike
+  # a row shuffle buffer). A process builds only the streams behind its rows.
+  per_stream = batch_size // num_streams
+  first, last = lo // per_stream, -(-hi // per_stream)
+  streams = [
+    _packed_stream(ds[i::num_streams], seq_len, c_data).batch(per_stream, drop_remainder=True)
+    for i in range(first, last)
+  ]
+  ds = ConcatIterDataset(streams)
+  if (lo, hi) != (first * per_stream, last * per_stream):
+    # Rows that share a stream with another process's rows: read and dropped.
+    ds = ds.map(
+      functools.partial(_rows, start=lo - first * per_stream, stop=hi - first * per_stream)
+    )
   ds = ds.map(functools.partial(_rename, pad_id=tokenizer.pad_id))
-  ds = ds.batch(batch_size, drop_remainder=True)
   if c_data.workers:
     # Grain's worker start-up reads its absl flags; outside an absl app (a
     # notebook, pytest) nothing parsed them, and their defaults are right.
@@ -148,50 +165,36 @@ def make_dataset(
   return ds
 
 
-class RoundRobinIterDataset(grain.IterDataset):
-  """The elements of several datasets in turn; an exhausted one drops out.
+class ConcatIterDataset(grain.IterDataset):
+  """Batches of several datasets concatenated along the rows; ends with the first to end.
 
-  Grain's InterleaveIterDataset would do, but it prefetches its parents in
-  threads, and under mp_prefetch it hands whole parents to workers (a worker
-  with none fails). A fixed turn keeps the state exact and simple: the next
-  turn plus every parent's own state.
+  Grain's InterleaveIterDataset alternates elements instead, prefetches its
+  parents in threads, and under mp_prefetch hands whole parents to workers (a
+  worker with none fails). Here the state is just every parent's own state.
   """
 
   def __init__(self, parents: list[grain.IterDataset]):
     super().__init__(parents)
 
   def __iter__(self):
-    return _RoundRobinIterator([iter(parent) for parent in self._parents])
+    return _ConcatIterator([iter(parent) for parent in self._parents])
 
 
-class _RoundRobinIterator(grain.DatasetIterator):
-  def __init__(self, parents):
-    super().__init__(parents)
-    self._turn = 0
-    self._done = set()
-
+class _ConcatIterator(grain.DatasetIterator):
   def __next__(self):
-    for _ in range(len(self._parents)):
-      turn = self._turn
-      self._turn = (turn + 1) % len(self._parents)
-      if turn not in self._done:
-        try:
-          return next(self._parents[turn])
-        except StopIteration:
-          self._done.add(turn)
-    raise StopIteration
+    parts = [next(parent) for parent in self._parents]
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
   def get_state(self) -> dict:
-    return {
-      'turn': self._turn,
-      'done': sorted(self._done),
-      'parents': [parent.get_state() for parent in self._parents],
-    }
+    return {'parents': [parent.get_state() for parent in self._parents]}
 
   def set_state(self, state: dict) -> None:
-    self._turn, self._done = state['turn'], set(state['done'])
     for parent, parent_state in zip(self._parents, state['parents'], strict=True):
       parent.set_state(_untangle_json(parent_state))
+
+
+def _rows(batch: dict, *, start: int, stop: int) -> dict:
+  return {key: value[start:stop] for key, value in batch.items()}
 
 
 def _untangle_json(state):
