@@ -138,3 +138,14 @@ def gpu_present() -> bool:
   if glob.glob(os.path.join(_PROC_GPUS, '*')) or glob.glob(os.path.join(_DEV, 'nvidia[0-9]*')):
     return True
   return bool(visible) and any(importlib.util.find_spec(p) for p in _CUDA_PLUGINS)
+
+
+def gpu_count() -> int:
+  """GPUs this process can see, without importing jax (0 when none)."""
+  if not gpu_present():
+    return 0
+  visible = os.environ.get('CUDA_VISIBLE_DEVICES')
+  if visible:
+    return len([v for v in visible.split(',') if v.strip()])
+  nodes = glob.glob(os.path.join(_DEV, 'nvidia[0-9]*'))
+  return len(nodes) or len(glob.glob(os.path.join(_PROC_GPUS, '*')))

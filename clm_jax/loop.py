@@ -170,7 +170,7 @@ def run(c, workdir: str | pathlib.Path) -> dict:
           pending = None
         save(step)
       if stopping:
-        logging.info('%s: saved step %d; exiting', stop.signal_name, step)
+        logging.info('%s: saved step %d; exiting', stop.reason, step)
         break
     if pending:
       finish(*pending)

@@ -53,6 +53,11 @@ class StopRequest:
   def signal_name(self) -> str | None:
     return None if self._signal is None else signal.Signals(self._signal).name
 
+  @property
+  def reason(self) -> str:
+    """What asked for the stop: this process's signal, or another process."""
+    return self.signal_name or 'a stop request from another process'
+
   def requested(self, step: int) -> bool:
     """Whether any process was asked to stop; every process calls this at every step."""
     local = self._signal is not None

@@ -5,9 +5,19 @@ Commands:
   tokenizer train   Train a sentencepiece BPE tokenizer for code on --input.
   data prepare      Filter, deduplicate and tokenize --input into ArrayRecord shards.
   convert           --to_params: a run's latest checkpoint -> params only, in --dtype.
+  slurm             Write an sbatch script that trains the config on --nodes nodes.
+  sweep             Run the trials of a sweep file (--config=configs/sweeps/NAME.py).
+
+`train` joins a multi-process run given --coordinator_address, --num_processes
+and --process_id (or JAX_* variables, or under srun / mpirun); --spawn=N runs
+N such processes on this machine.
 
 Examples:
   python -m launch train
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m launch train --spawn=2 \\
+      --config.mesh.data=4 --config.mesh.tensor=2
+  python -m launch slurm --config=configs/codellama_34b.py --nodes=16 --gpus_per_node=8
+  python -m launch sweep --config=configs/sweeps/lr_warmup.py
   python -m launch train --config=configs/bench_tiny.py --config.train.steps=20 \\
       --workdir=runs/bench
   python -m launch tokenizer train --input=~/code,dump.jsonl.gz --output=tok.model \\
@@ -60,6 +70,11 @@ _SPAWN = flags.DEFINE_integer(
 _GPU_DEFAULTS = flags.DEFINE_bool(
   'gpu_defaults', True, 'On GPUs, set the XLA / NCCL defaults of clm_jax/gpu_env.py.'
 )
+
+# sweep (its --config names a sweep file, read as --sweep_file)
+_SWEEP_FILE = flags.DEFINE_string('sweep_file', None, 'sweep: the sweep file (given as --config).')
+_TRIAL = flags.DEFINE_integer('trial', None, 'sweep: run only this trial (a SLURM array task).')
+_SLURM = flags.DEFINE_bool('slurm', False, 'sweep: write a SLURM job array instead of running.')
 
 # slurm
 _NODES = flags.DEFINE_integer('nodes', 1, 'slurm: nodes.')
@@ -150,6 +165,59 @@ def _without(args: list[str], names) -> list[str]:
     else:
       out.append(arg)
   return out
+
+
+def _split_gpus(processes: int) -> list[list[int]] | None:
+  """This machine's GPUs in equal blocks, one per spawned process; None on CPU."""
+  from clm_jax import gpu_env
+
+  count = gpu_env.gpu_count()
+  if not count:
+    return None  # Each CPU process has its own (--xla_force_host_platform_device_count).
+  if count % processes:
+    raise app.UsageError(f'--spawn={processes} does not divide the {count} GPUs.')
+  k = count // processes
+  return [list(range(i * k, (i + 1) * k)) for i in range(processes)]
+
+
+def _sweep():
+  from clm_jax import slurm
+  from clm_jax import sweep
+  from clm_jax import sweep_run
+
+  _need('sweep_file')
+  path = _SWEEP_FILE.value
+  if _SLURM.value:
+    loaded = sweep.load(path)
+    workdir = _WORKDIR.value or sweep_run.default_workdir(loaded)
+    text = sweep_run.slurm_script(
+      loaded,
+      path,
+      workdir,
+      nodes=_NODES.value,
+      gpus_per_node=_GPUS_PER_NODE.value,
+      per=_PER.value,
+      partition=_PARTITION.value,
+      time=_TIME.value,
+      account=_ACCOUNT.value,
+      log_dir=_LOG_DIR.value,
+    )
+    out = slurm.write_sbatch(_OUTPUT.value or f'slurm/sweep-{loaded.name}.sbatch', text)
+    pathlib.Path(_LOG_DIR.value).mkdir(parents=True, exist_ok=True)
+    print(f'Wrote {out}: a job array of {len(loaded.trials)} trials. Submit with:')
+    print(f'  sbatch {out}')
+    return
+  # A multi-host trial: every process runs the sweep, each trial's train joins them.
+  dist = [
+    f'--{name}={",".join(map(str, value)) if isinstance(value, list) else value}'
+    for name in ('coordinator_address', 'num_processes', 'process_id', 'local_device_ids')
+    if (value := flags.FLAGS[name].value) is not None
+  ]
+  sys.exit(
+    sweep_run.main(
+      path, _WORKDIR.value, _TRIAL.value, extra_args=dist, process_id=_PROCESS_ID.value or 0
+    )
+  )
 
 
 def _slurm():
@@ -255,6 +323,7 @@ _RUN = {
   'data prepare': _data_prepare,
   'convert': _convert,
   'slurm': _slurm,
+  'sweep': _sweep,
 }
 
 
@@ -276,14 +345,20 @@ def main(argv):
 
     if command != 'train':
       raise app.UsageError('--spawn runs `train` only.')
-    # The others notice a lost process within a heartbeat; then they are ended.
     sys.exit(
-      spawn.run(_without(sys.argv[1:], ('spawn',)), _SPAWN.value, grace=_HEARTBEAT.value + 30)
+      spawn.run(
+        _without(sys.argv[1:], ('spawn',)),
+        _SPAWN.value,
+        # The others notice a lost process within a heartbeat; then they are ended.
+        grace=_HEARTBEAT.value + 30,
+        devices_per_process=_split_gpus(_SPAWN.value),
+      )
     )
   # Imported here so that `--help` and usage errors need no JAX start-up.
   from clm_jax import checkpoint
   from clm_jax import config as config_lib
   from clm_jax import distributed
+  from clm_jax import sweep
   from clm_jax.data import records
 
   try:
@@ -293,11 +368,22 @@ def main(argv):
     records.DataError,
     checkpoint.CheckpointError,
     distributed.DistributedError,
+    sweep.SweepError,
     FileNotFoundError,
     FileExistsError,
   ) as e:
     sys.exit(f'error: {e}')
 
 
+def _parse(argv: list[str]):
+  """absl's parsing, except that `sweep --config=FILE` names a sweep file, not a config."""
+  if 'sweep' in argv[1:]:
+    argv = [
+      '--sweep_file' + arg[len('--config') :] if arg.split('=')[0] == '--config' else arg
+      for arg in argv
+    ]
+  return app.parse_flags_with_usage(argv)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse)

@@ -111,13 +111,28 @@ def test_two_spawned_processes_train_like_one(reference, cache, tmp_path):
   _assert_same_run(_losses(tmp_path), reference)
 
 
-def test_both_killed_then_restarted_resume_the_same_run(reference, cache, tmp_path):
-  procs = _start_pair(tmp_path, cache)
+def _wait_for_checkpoint(workdir, step, procs):
   deadline = time.monotonic() + 300
-  while not (tmp_path / 'checkpoints' / '5').is_dir():
+  while not (workdir / 'checkpoints' / str(step)).is_dir():
     assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-3000:]
     assert time.monotonic() < deadline
     time.sleep(0.05)
+
+
+def test_preempted_then_killed_then_restarted_is_still_the_same_run(reference, cache, tmp_path):
+  # SIGTERM to process 1 only: both stop at the same step, save together, exit 0.
+  procs = _start_pair(tmp_path, cache)
+  _wait_for_checkpoint(tmp_path, 5, procs)
+  procs[1].send_signal(signal.SIGTERM)
+  errs = [p.communicate(timeout=300)[1] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+  stopped = [int(e.split(': saved step ')[1].split(';')[0]) for e in errs]
+  assert stopped[0] == stopped[1] < STEPS
+  assert (tmp_path / 'checkpoints' / str(stopped[0])).is_dir()
+
+  # Both resume, then both are killed (kill -9) after the next checkpoint.
+  procs = _start_pair(tmp_path, cache)
+  _wait_for_checkpoint(tmp_path, (stopped[0] // 5 + 1) * 5, procs)
   for p in procs:
     p.kill()
     p.communicate()

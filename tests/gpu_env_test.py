@@ -89,3 +89,17 @@ def test_gpu_present_is_false_without_driver_devices_or_plugin(monkeypatch, tmp_
   assert not gpu_env.gpu_present()
   (tmp_path / 'nvidia0').touch()
   assert gpu_env.gpu_present()
+
+
+def test_gpu_count_follows_cuda_visible_devices(monkeypatch, tmp_path):
+  monkeypatch.setattr(gpu_env, '_PROC_GPUS', str(tmp_path / 'none'))
+  monkeypatch.setattr(gpu_env, '_DEV', str(tmp_path))
+  monkeypatch.delenv('JAX_PLATFORMS', raising=False)
+  monkeypatch.delenv('CUDA_VISIBLE_DEVICES', raising=False)
+  assert gpu_env.gpu_count() == 0
+  for i in range(4):
+    (tmp_path / f'nvidia{i}').touch()
+  (tmp_path / 'nvidiactl').touch()
+  assert gpu_env.gpu_count() == 4
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '2,3')
+  assert gpu_env.gpu_count() == 2
