@@ -26,6 +26,7 @@ from absl import logging
 
 from clm_jax import config as config_lib
 from clm_jax import model as model_lib
+from clm_jax import sharding as sharding_lib
 
 ITEMS = ('state', 'data', 'config', 'tokenizer', 'loop')
 
@@ -179,13 +180,20 @@ def _read_only(directory, items, handlers):
   )
 
 
-def _abstract_params(config: dict, dtype=None):
-  """The model's params as single-device ShapeDtypeStructs, from a saved config."""
+def _abstract_params(config: dict, dtype=None, mesh=None):
+  """The model's params as ShapeDtypeStructs, from a saved config.
+
+  On one device without a mesh, else in the shardings of `sharding.RULES`.
+  """
   cfg = config_lib.ModelConfig.from_config(ml_collections.ConfigDict(config['model']))
-  _, abstract, _ = model_lib.abstract(cfg)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  _, abstract, axes = model_lib.abstract(cfg)
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: device, abstract)
+  else:
+    shardings = sharding_lib.param_shardings(axes, abstract, mesh)
   return jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=device), abstract
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=s), abstract, shardings
   )
 
 
@@ -205,10 +213,28 @@ def to_params(workdir, output, *, dtype: str = 'bfloat16', step: int | None = No
   Returns:
     {'step', 'output', 'bytes'}: what was written.
   """
-  directory = (pathlib.Path(workdir) / 'checkpoints').absolute()
   output = pathlib.Path(output).absolute()
-  if output.exists():
+  if output.exists():  # Before reading anything.
     raise FileExistsError(f'--output={output} exists; choose a new directory.')
+  step, params, config, tokenizer = read_params(workdir, step=step)
+  params = jax.tree.map(lambda x: x.astype(dtype), params)
+  size = save_params(output, params, config, tokenizer)
+  return {'step': step, 'output': str(output), 'bytes': size}
+
+
+def read_params(workdir, *, step: int | None = None, mesh=None):
+  """The params of a training checkpoint in workdir/checkpoints, read alone.
+
+  Args:
+    workdir: The run directory.
+    step: Which step; None = the latest.
+    mesh: Read straight into the shardings of `sharding.RULES` on this mesh;
+      None = onto one device.
+
+  Returns:
+    (step, params in their saved dtype, config dict, tokenizer model bytes).
+  """
+  directory = (pathlib.Path(workdir) / 'checkpoints').absolute()
   handlers = {
     'state': ocp.PyTreeCheckpointHandler(),
     'config': ocp.JsonCheckpointHandler(),
@@ -222,7 +248,7 @@ def to_params(workdir, output, *, dtype: str = 'bfloat16', step: int | None = No
       step,
       args=ocp.args.Composite(config=ocp.args.JsonRestore(), tokenizer=ocp.args.StandardRestore()),
     )
-    abstract = _abstract_params(meta.config)
+    abstract = _abstract_params(meta.config, mesh=mesh)
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract)
     state = manager.restore(
       step,
@@ -232,29 +258,48 @@ def to_params(workdir, output, *, dtype: str = 'bfloat16', step: int | None = No
         )
       ),
     ).state
-  params = jax.tree.map(lambda x: x.astype(dtype), state['params'])
-  with ocp.CheckpointManager(
-    output,
-    item_names=('params', 'config', 'tokenizer'),
-    options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
-  ) as manager:
-    manager.save(
-      0,
-      args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params),
-        config=ocp.args.JsonSave(meta.config),
-        tokenizer=ocp.args.StandardSave(meta.tokenizer),
-      ),
-    )
-  size = sum(p.stat().st_size for p in output.rglob('*') if p.is_file())
-  return {'step': step, 'output': str(output), 'bytes': size}
+  tokenizer = np.asarray(meta.tokenizer['model']).tobytes()
+  return step, state['params'], meta.config, tokenizer
 
 
-def load_params(directory):
-  """Reads a params-only checkpoint written by `to_params` (onto one device).
+def save_params(output, params, config: dict, tokenizer: bytes | None) -> int:
+  """Writes a params-only checkpoint, output/0/{params,config[,tokenizer]}.
+
+  Args:
+    output: The directory; must not exist yet.
+    params: The params tree, in the dtype it is to be stored in.
+    config: The resolved config as a dict; `load_params` reads its `model`.
+    tokenizer: The sentencepiece model's bytes, or None for a checkpoint
+      without one (e.g. converted from a Hugging Face directory that had none).
 
   Returns:
-    (params, config dict, tokenizer model bytes).
+    The bytes written.
+  """
+  output = pathlib.Path(output).absolute()
+  if output.exists():
+    raise FileExistsError(f'--output={output} exists; choose a new directory.')
+  items = dict(params=ocp.args.StandardSave(params), config=ocp.args.JsonSave(config))
+  if tokenizer:
+    items['tokenizer'] = ocp.args.StandardSave({'model': np.frombuffer(tokenizer, np.uint8)})
+  with ocp.CheckpointManager(
+    output,
+    item_names=tuple(items),
+    options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
+  ) as manager:
+    manager.save(0, args=ocp.args.Composite(**items))
+  return sum(p.stat().st_size for p in output.rglob('*') if p.is_file())
+
+
+def load_params(directory, *, mesh=None):
+  """Reads a params-only checkpoint written by `to_params` or `save_params`.
+
+  Args:
+    directory: The checkpoint (holding 0/params).
+    mesh: Read straight into the shardings of `sharding.RULES` on this mesh;
+      None = onto one device.
+
+  Returns:
+    (params, config dict, tokenizer model bytes or None if it has none).
   """
   directory = pathlib.Path(directory).absolute()
   handlers = {
@@ -267,17 +312,19 @@ def load_params(directory):
       raise FileNotFoundError(
         f'{directory} is not a params-only checkpoint (`convert --to_params`).'
       )
-    meta = manager.restore(
-      0,
-      args=ocp.args.Composite(config=ocp.args.JsonRestore(), tokenizer=ocp.args.StandardRestore()),
-    )
+    has_tokenizer = (directory / '0' / 'tokenizer').is_dir()
+    items = dict(config=ocp.args.JsonRestore())
+    if has_tokenizer:
+      items['tokenizer'] = ocp.args.StandardRestore()
+    meta = manager.restore(0, args=ocp.args.Composite(**items))
     saved = manager.item_metadata(0)['params']
     dtypes = {_key(p): x.dtype for p, x in jax.tree_util.tree_flatten_with_path(_tree(saved))[0]}
-    abstract = _abstract_params(meta.config)
+    abstract = _abstract_params(meta.config, mesh=mesh)
     abstract = jax.tree_util.tree_map_with_path(
       lambda p, x: jax.ShapeDtypeStruct(x.shape, dtypes[_key(p)], sharding=x.sharding), abstract
     )
     params = manager.restore(
       0, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
     ).params
-  return params, meta.config, np.asarray(meta.tokenizer['model']).tobytes()
+  tokenizer = np.asarray(meta.tokenizer['model']).tobytes() if has_tokenizer else None
+  return params, meta.config, tokenizer

@@ -3,7 +3,7 @@
 Axis alphabet (used in einsum strings and as suffixes on activations):
   B batch, T query length, S key length, D d_model, N query heads,
   K kv heads, G query heads per kv head (N = K * G), H head_dim,
-  F mlp hidden, V vocab, X tokens (B * T flattened).
+  F mlp hidden, V vocab, X tokens (B * T flattened), L layers (KV cache).
 
 Projections run as 2-D matmuls over X tokens with one contracting axis:
 XLA:CPU turns the backward of a [B, T, D] einsum (two contracting axes in
@@ -13,6 +13,8 @@ on GPUs the two forms compile alike.
 Parameters carry logical axis names only (`embed`, `heads`, `kv_heads`,
 `head_dim`, `mlp`, `vocab`, `norm`); `clm_jax.sharding` maps them to the mesh.
 """
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +76,18 @@ def _project(x_XD: jax.Array, w_DnH: jax.Array) -> jax.Array:
   return x_XD @ w_DnH.reshape(w_DnH.shape[0], -1).astype(x_XD.dtype)
 
 
+class KVCache(NamedTuple):
+  """Every layer's keys and values for decoding, in the compute dtype.
+
+  Only the K kv heads are stored, never repeated to the N query heads: GQA's
+  memory saving is the point of it at decode time. Slot s of a row holds the
+  row's s-th token (rows are left-padded, see `clm_jax.generate`).
+  """
+
+  k_LBSKH: jax.Array
+  v_LBSKH: jax.Array
+
+
 class Attention(nnx.Module):
   """Grouped-query self-attention with rotary positions and document masking."""
 
@@ -86,16 +100,7 @@ class Attention(nnx.Module):
     self.cfg = cfg
 
   def __call__(self, x_BTD, segment_ids_BT, positions_BT) -> jax.Array:
-    cfg = self.cfg
-    B, T, D = x_BTD.shape
-    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    x_XD = x_BTD.reshape(B * T, D)
-    q_BTNH = _project(x_XD, self.wq[...]).reshape(B, T, N, H)
-    k_BSKH = _project(x_XD, self.wk[...]).reshape(B, T, K, H)
-    v_BSKH = _project(x_XD, self.wv[...]).reshape(B, T, K, H)
-    q_BTNH = sharding.constrain(q_BTNH, ('batch', 'seq', 'heads', None))
-    q_BTNH = rotary(q_BTNH, positions_BT, cfg.rope_theta)
-    k_BSKH = rotary(k_BSKH, positions_BT, cfg.rope_theta)
+    q_BTNH, k_BSKH, v_BSKH = self._qkv(x_BTD, positions_BT)
     # The softmax runs in float32 inside dot_product_attention. GQA is native:
     # the K kv heads are shared by N / K query heads each, never repeated.
     out_BTNH = jax.nn.dot_product_attention(
@@ -104,10 +109,65 @@ class Attention(nnx.Module):
       v_BSKH,
       mask=document_mask(segment_ids_BT),
       is_causal=True,
-      implementation=cfg.attention,
+      implementation=self.cfg.attention,
     )
+    return self._out(out_BTNH, x_BTD.dtype)
+
+  def extend(self, x_BTD, positions_BT, mask_BTS, cache: KVCache, layer, index):
+    """Attends T new tokens over a KV cache, after writing theirs into it.
+
+    Args:
+      x_BTD: The new tokens' (normed) hidden states.
+      positions_BT: Their rotary positions.
+      mask_BTS: True where a new token may see cache slot s; the T new tokens
+        occupy slots [index, index + T).
+      cache: Every layer's keys and values.
+      layer: Which layer of `cache` this attention owns.
+      index: The first slot the new tokens' keys and values go to.
+
+    Returns:
+      (out_BTD, cache) with this layer's slots [index, index + T) written.
+    """
+    q_BTNH, k_BTKH, v_BTKH = self._qkv(x_BTD, positions_BT)
+    # Only the T new slots of the [L, B, S, K, H] cache are written: in the
+    # decode loop's carry that is an in-place update, not a copy of the cache.
+    start = (layer, 0, index, 0, 0)
+    cache = KVCache(
+      jax.lax.dynamic_update_slice(cache.k_LBSKH, k_BTKH[None].astype(cache.k_LBSKH.dtype), start),
+      jax.lax.dynamic_update_slice(cache.v_LBSKH, v_BTKH[None].astype(cache.v_LBSKH.dtype), start),
+    )
+    # XLA rather than cuDNN: the cache needs an arbitrary mask (left padding),
+    # which cuDNN's fused kernel does not take, and a one-token step reads the
+    # cache once whichever kernel runs.
+    out_BTNH = jax.nn.dot_product_attention(
+      q_BTNH,
+      cache.k_LBSKH[layer],
+      cache.v_LBSKH[layer],
+      mask=mask_BTS[:, None],
+      implementation='xla',
+    )
+    return self._out(out_BTNH, x_BTD.dtype), cache
+
+  def _qkv(self, x_BTD, positions_BT):
+    """Rotated queries [B, T, N, H] and keys [B, T, K, H], and values [B, T, K, H]."""
+    cfg = self.cfg
+    B, T, D = x_BTD.shape
+    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    x_XD = x_BTD.reshape(B * T, D)
+    q_BTNH = _project(x_XD, self.wq[...]).reshape(B, T, N, H)
+    k_BTKH = _project(x_XD, self.wk[...]).reshape(B, T, K, H)
+    v_BTKH = _project(x_XD, self.wv[...]).reshape(B, T, K, H)
+    q_BTNH = sharding.constrain(q_BTNH, ('batch', 'seq', 'heads', None))
+    q_BTNH = rotary(q_BTNH, positions_BT, cfg.rope_theta)
+    k_BTKH = rotary(k_BTKH, positions_BT, cfg.rope_theta)
+    return q_BTNH, k_BTKH, v_BTKH
+
+  def _out(self, out_BTNH, dtype) -> jax.Array:
+    """The output projection of the attended values, [B, T, D] in `dtype`."""
+    B, T, N, H = out_BTNH.shape
+    D = self.cfg.d_model
     wo_ZD = self.wo[...].reshape(N * H, D)
-    out_XD = out_BTNH.reshape(B * T, N * H) @ wo_ZD.astype(x_BTD.dtype)
+    out_XD = out_BTNH.reshape(B * T, N * H) @ wo_ZD.astype(dtype)
     return sharding.constrain(out_XD.reshape(B, T, D), ('batch', 'seq', None))
 
 
@@ -142,3 +202,11 @@ class Block(nnx.Module):
   def __call__(self, x_BTD, segment_ids_BT, positions_BT) -> jax.Array:
     h_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), segment_ids_BT, positions_BT)
     return h_BTD + self.mlp(self.mlp_norm(h_BTD))
+
+  def extend(self, x_BTD, positions_BT, mask_BTS, cache: KVCache, layer, index):
+    """The block on T new tokens against a KV cache (see Attention.extend)."""
+    attn_BTD, cache = self.attn.extend(
+      self.attn_norm(x_BTD), positions_BT, mask_BTS, cache, layer, index
+    )
+    h_BTD = x_BTD + attn_BTD
+    return h_BTD + self.mlp(self.mlp_norm(h_BTD)), cache

