@@ -391,3 +391,22 @@ def test_load_names_what_it_expects(tmp_path):
     clm_jax.Model(types.SimpleNamespace(vocab_size=4), {}).logits([[1, 4]])
   with pytest.raises(ValueError, match='one length'):
     clm_jax.Model(types.SimpleNamespace(vocab_size=4), {}).logits([[1, 2], [3]])
+
+
+@pytest.mark.parametrize('kv_heads', [2, 1])
+def test_greedy_generation_equals_transformers(tmp_path, kv_heads):
+  _tiny_llama(tmp_path, kv_heads=kv_heads)
+  theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+  model = clm_jax.load(tmp_path)
+  prompts = [TOKENS[0, :7].tolist(), TOKENS[1, :12].tolist()]  # Left-padded together.
+  got = model.generate(prompts, max_new_tokens=12)
+  for prompt, new in zip(prompts, got, strict=True):
+    with torch.no_grad():
+      want = theirs.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+      )[0, len(prompt) :].tolist()
+    assert new == want
