@@ -132,6 +132,9 @@ def _check_values(c, num_devices, errors):
     ('data', 'prefetch'),
     ('checkpoint', 'keep_period'),
     ('train', 'max_nonfinite'),
+    ('train', 'code_eval_every'),
+    ('train', 'code_eval_problems'),
+    ('train', 'code_eval_max_new_tokens'),
   ]:
     if c[section][key] < 0:
       errors.append(f'{section}.{key}: must be >= 0, got {c[section][key]}')

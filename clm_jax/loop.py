@@ -14,7 +14,9 @@ from absl import logging
 
 from clm_jax import checkpoint
 from clm_jax import config as config_lib
+from clm_jax import evaluate as evaluate_lib
 from clm_jax import flops
+from clm_jax import generate
 from clm_jax import metrics as metrics_lib
 from clm_jax import preemption
 from clm_jax import sharding
@@ -53,6 +55,37 @@ def evaluate(s: train.Setup, params, heldout_ds, num_batches: int, batch_size: i
   finally:
     it.close()
   return total / max(count, 1.0)
+
+
+def humaneval(s: train.Setup, state, tok, c_train, out_dir) -> dict:
+  """Greedy HumanEval pass@1 of the current params (every process generates; all run tests).
+
+  Args:
+    s: The setup.
+    state: The train state, in the setup's storage layout.
+    tok: The run's tokenizer.
+    c_train: The `train` config: code_eval_problems, code_eval_max_new_tokens.
+    out_dir: Where process 0 writes the samples and summary; None = nowhere.
+  """
+  params = s.to_checkpoint(state).params  # Plain layer order, as generate runs it.
+
+  def generate_fn(ids, seed):
+    return generate.generate(
+      s.model_cfg,
+      params,
+      ids,
+      max_new_tokens=c_train.code_eval_max_new_tokens,
+      stop_ids=(tok.eos_id,),
+      pad_id=tok.pad_id,
+      seed=seed,
+    )
+
+  problems = evaluate_lib.load_problems()
+  if c_train.code_eval_problems:
+    problems = dict(list(problems.items())[: c_train.code_eval_problems])
+  return evaluate_lib.evaluate_humaneval(
+    evaluate_lib.make_complete(generate_fn, tok), problems=problems, out_dir=out_dir
+  )
 
 
 def run(c, workdir: str | pathlib.Path) -> dict:
@@ -160,6 +193,15 @@ def run(c, workdir: str | pathlib.Path) -> dict:
         }
         writer.write(step, {'eval_loss': eval_loss, 'eval_perplexity': last['eval_perplexity']})
         writer.progress(step, {'eval_loss': eval_loss})
+        meter.restart()  # Evaluation time is not step time.
+      if c.train.code_eval_every and step % c.train.code_eval_every == 0:
+        if pending:
+          finish(*pending)
+          pending = None
+        out_dir = workdir / 'eval' / 'humaneval' / f'step_{step}' if is_main else None
+        pass_at_1 = humaneval(s, state, tok, c.train, out_dir)['pass@1']
+        last = {**last, 'humaneval_pass@1': pass_at_1}
+        writer.write(step, {'humaneval_pass@1': pass_at_1})
         meter.restart()  # Evaluation time is not step time.
       stopping = stop.requested(step)
       if step % c.checkpoint.every == 0 or step == c.train.steps or stopping:

@@ -119,7 +119,10 @@ def abstract(cfg: config_lib.ModelConfig):
     (graphdef, params, axes): the module graph, a nested dict of
     jax.ShapeDtypeStruct, and a matching nested dict of logical-axis tuples.
   """
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0))))
+  # Under a current mesh nnx.eval_shape would read the logical axis names as
+  # mesh axes; the answer must not depend on the caller's context.
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0))))
   axes = nnx.to_pure_dict(nnx.get_partition_spec(state))
   axes = jax.tree.map(tuple, axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   return graphdef, nnx.to_pure_dict(state), axes

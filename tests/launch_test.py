@@ -125,7 +125,19 @@ def test_convert_to_and_from_hugging_face_then_generate_and_evaluate(tmp_path):
   """train -> convert --to_hf -> transformers -> convert --from_hf -> generate -> eval."""
   cache = tmp_path / 'cache'
   run = tmp_path / 'run'
-  cli.train(run, cache, '--config.train.steps=3')
+  cli.train(
+    run,
+    cache,
+    '--config.train.steps=3',
+    '--config.train.code_eval_every=3',
+    '--config.train.code_eval_problems=2',
+    '--config.train.code_eval_max_new_tokens=4',
+  )
+  # HumanEval during training: logged, and its samples kept per step.
+  assert [m['humaneval_pass@1'] for m in _lines(run) if 'humaneval_pass@1' in m] == [0.0]
+  assert 'eval/humaneval_pass_at_1' in _tb_tags(run / 'tb')
+  samples = run / 'eval' / 'humaneval' / 'step_3' / 'humaneval_samples.jsonl'
+  assert len(samples.read_text().splitlines()) == 2
   hf_dir = tmp_path / 'hf'
   out = cli.launch(
     'convert', f'--to_hf={hf_dir}', f'--workdir={run}', '--dtype=float32', cache=cache
