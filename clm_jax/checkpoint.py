@@ -29,6 +29,7 @@ from clm_jax import model as model_lib
 from clm_jax import sharding as sharding_lib
 
 ITEMS = ('state', 'data', 'config', 'tokenizer', 'loop')
+TOKENIZER_FILE = 'tokenizer.model'
 
 
 class CheckpointError(ValueError):
@@ -287,7 +288,45 @@ def save_params(output, params, config: dict, tokenizer: bytes | None) -> int:
     options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
   ) as manager:
     manager.save(0, args=ocp.args.Composite(**items))
+  if tokenizer:
+    # Beside the checkpoint too, where a run or a HF directory keeps it, so that
+    # `train.init_from` finds the tokenizer of any of the three alike.
+    (output / TOKENIZER_FILE).write_bytes(tokenizer)
   return sum(p.stat().st_size for p in output.rglob('*') if p.is_file())
+
+
+def load_pretrained(path, like, mesh):
+  """Pre-trained params for fine-tuning, in the shapes, dtypes and shardings of `like`.
+
+  Args:
+    path: A run directory, a params-only checkpoint or a Hugging Face Llama
+      directory (`train.init_from`).
+    like: The params tree to fill (arrays or ShapeDtypeStructs with shardings),
+      blocks in plain layer order.
+    mesh: The training mesh.
+
+  Raises:
+    CheckpointError: The pre-trained model has another shape, named by parameter.
+  """
+  import clm_jax
+
+  loaded = clm_jax.load(path, mesh).params
+  want = {_key(p): x for p, x in jax.tree_util.tree_flatten_with_path(like)[0]}
+  got = {_key(p): x for p, x in jax.tree_util.tree_flatten_with_path(loaded)[0]}
+  if set(want) != set(got):
+    raise CheckpointError(
+      f'train.init_from={path}: its params {sorted(set(got) - set(want))} are not in this '
+      f'model, which needs {sorted(set(want) - set(got))}.'
+    )
+  for key, x in want.items():
+    if got[key].shape != x.shape:
+      raise CheckpointError(
+        f'train.init_from={path}: params/{key} has shape {got[key].shape} but this model '
+        f"needs {x.shape}; set model.* to the pre-trained model's shape."
+      )
+  return jax.tree.map(
+    lambda x, ref: jax.device_put(x.astype(ref.dtype), ref.sharding), loaded, like
+  )
 
 
 def load_params(directory, *, mesh=None):

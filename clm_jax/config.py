@@ -157,6 +157,11 @@ def _check_values(c, num_devices, errors):
     errors.append(f'data.source: {c.data.source!r} is not one of {sources.SOURCES}')
   elif c.data.source != 'stdlib' and not c.data.path:
     errors.append(f'data.path: data.source={c.data.source!r} needs a path')
+  if c.data.source == 'instruct' and (c.data.fim_rate or c.data.mixture):
+    errors.append(
+      "data.source='instruct': data.fim_rate and data.mixture do not apply to dialogs; "
+      'set them to 0 and ""'
+    )
   for key in ('fim_rate', 'fim_spm_rate'):
     if not 0 <= c.data[key] <= 1:
       errors.append(f'data.{key}: must be in [0, 1], got {c.data[key]}')

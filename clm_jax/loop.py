@@ -97,7 +97,12 @@ def run(c, workdir: str | pathlib.Path) -> dict:
   if is_main:
     (workdir / 'config.json').write_text(c.to_json_best_effort(indent=2) + '\n')
 
-  tok = tokenizer_lib.for_corpus(c.data, c.model.vocab_size)
+  c_data = c.data
+  if c.train.init_from and not c.data.tokenizer:
+    # Fine-tuning reads text the way the pre-trained model did.
+    c_data = c.data.copy_and_resolve_references()
+    c_data.tokenizer = str(pathlib.Path(c.train.init_from).expanduser() / 'tokenizer.model')
+  tok = tokenizer_lib.for_corpus(c_data, c.model.vocab_size)
   if is_main:
     shutil.copyfile(tok.path, workdir / 'tokenizer.model')
   mesh = sharding.make_mesh(c.mesh)
@@ -138,6 +143,11 @@ def run(c, workdir: str | pathlib.Path) -> dict:
     restored = ckpt.restore_latest(abstract, train_it)
     if restored is None:
       state, start = s.init_state(jax.random.key(c.train.seed)), 0
+      if c.train.init_from:
+        like = s.to_checkpoint(state)
+        params = checkpoint.load_pretrained(c.train.init_from, like.params, mesh)
+        state = s.from_checkpoint(like.replace(params=params))
+        logging.info('params from %s; optimizer state fresh', c.train.init_from)
     else:
       start, state, loop_state = restored
       logging.info('resuming from %s/%d', ckpt.directory, start)

@@ -115,7 +115,7 @@ def loss_sum(params, graphdef, batch_KBT, schedule: Schedule, loss_chunk_len: in
   Args:
     params: The model's parameters; blocks in storage order.
     graphdef: The Decoder's graph.
-    batch_KBT: {'tokens', 'segment_ids', 'positions'}, each [K, B, T].
+    batch_KBT: {'tokens', 'segment_ids', 'positions'[, 'loss_mask']}, each [K, B, T].
     schedule: Stages, virtual stages and K.
     loss_chunk_len: Positions per chunk of the fused LM-head loss; 0 = T.
   """
@@ -127,7 +127,8 @@ def loss_sum(params, graphdef, batch_KBT, schedule: Schedule, loss_chunk_len: in
     batch_KBT[k] for k in ('tokens', 'segment_ids', 'positions')
   )
   _, B, T = tokens_KBT.shape
-  targets_KBT, weights_KBT = jax.vmap(targets)(tokens_KBT, segments_KBT)
+  # Pre-training batches have no 'loss_mask': every real target counts.
+  targets_KBT, weights_KBT = jax.vmap(targets)(tokens_KBT, segments_KBT, batch_KBT.get('loss_mask'))
   blocks_graphdef, blocks = nnx.split(model.blocks)
   # Storage [L, ...] is [P, R, C, ...] row-major: the reshape moves no data.
   w_PRC = jax.tree.map(
@@ -188,11 +189,17 @@ def loss_sum(params, graphdef, batch_KBT, schedule: Schedule, loss_chunk_len: in
   return total, count
 
 
-def targets(tokens_BT, segment_ids_BT):
-  """Next-token targets [B, T] and the 0/1 float weights of the real ones."""
+def targets(tokens_BT, segment_ids_BT, loss_mask_BT=None):
+  """Next-token targets [B, T] and the 0/1 float weights of the real ones.
+
+  With `loss_mask_BT` (instruction data: 1 on the answers' tokens), only
+  targets the mask marks count; the rest is context the model reads.
+  """
   T = tokens_BT.shape[1]
   targets_BT = jnp.roll(tokens_BT, -1, axis=1)
   # A real target is the next token of the same (non-padding) document.
   same_doc_BT = (jnp.roll(segment_ids_BT, -1, axis=1) == segment_ids_BT) & (segment_ids_BT != 0)
   weights_BT = same_doc_BT & (jnp.arange(T) < T - 1)
+  if loss_mask_BT is not None:
+    weights_BT &= jnp.roll(loss_mask_BT, -1, axis=1) > 0
   return targets_BT, weights_BT.astype(jnp.float32)

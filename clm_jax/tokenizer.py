@@ -347,6 +347,11 @@ def for_corpus(
         f'data.path={c_data.path!r} has no tokenizer.model: it is not the output of '
         '`python -m launch data prepare`.'
       )
+  if c_data.source == 'instruct' and not given:
+    raise FileNotFoundError(
+      "data.source='instruct' needs data.tokenizer: the pre-trained model's tokenizer.model "
+      '(or train.init_from, whose tokenizer is then used).'
+    )
   if given:
     tokenizer = load(given)
     if tokenizer.vocab_size > vocab_size:

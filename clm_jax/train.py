@@ -40,7 +40,9 @@ def _hidden_and_head(graphdef, params, batch):
 def token_losses(graphdef, params, batch, loss_chunk_len: int = 0):
   """Per-token cross-entropy [B, T] (float32) and the 0/1 weights of real targets."""
   x_BTD, w_DV = _hidden_and_head(graphdef, params, batch)
-  targets_BT, weights_BT = pipeline.targets(batch['tokens'], batch['segment_ids'])
+  targets_BT, weights_BT = pipeline.targets(
+    batch['tokens'], batch['segment_ids'], batch.get('loss_mask')
+  )
   losses_BT = loss_lib.token_losses(x_BTD, w_DV, targets_BT, loss_chunk_len or x_BTD.shape[1])
   return losses_BT * weights_BT, weights_BT
 

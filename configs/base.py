@@ -41,6 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = t = ml_collections.ConfigDict()
   t.steps = 1000  # Optimizer steps to run.
   t.seed = 0  # Seeds parameter init and data order.
+  # Start from these params (a run dir, a params-only checkpoint or a Hugging Face
+  # Llama dir) when the workdir has no checkpoint yet; '' = random init.
+  t.init_from = ''
   t.seq_len = 2048  # Tokens per packed row (T).
   t.global_batch_size = 64  # Rows per optimizer step, over all devices.
   t.microbatches = 1  # Gradient-accumulation splits of the global batch.
@@ -77,9 +80,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.data = d = ml_collections.ConfigDict()
   # 'stdlib' = this interpreter's standard-library *.py files; 'files' = the source
-  # tree at data.path (both tokenized on the fly); 'prepared' = a `data prepare` output.
+  # tree at data.path (both tokenized on the fly); 'prepared' = a `data prepare` output;
+  # 'instruct' = chat / prompt-completion JSONL at data.path, loss on the answers only.
   d.source = 'stdlib'
-  d.path = ''  # Corpus root ('stdlib', 'files') or prepared directory; '' = stdlib default.
+  # Corpus root ('stdlib', 'files'), prepared directory, or instruction JSONL file or
+  # directory (heldout*.jsonl held out); '' = stdlib default.
+  d.path = ''
   d.heldout_fraction = 0.02  # Raw sources: fraction of files held out for evaluation.
   d.mixture = ''  # Train weights by language, 'python:0.6,text:0.4'; '' = natural proportions.
   d.fim_rate = 0.0  # Fraction of documents turned fill-in-the-middle; 0 = off.

@@ -33,7 +33,9 @@ import grain
 import ml_collections
 import numpy as np
 from absl import flags
+from absl import logging
 
+from clm_jax import chat
 from clm_jax import config as config_lib
 from clm_jax import tokenizer as tokenizer_lib
 from clm_jax.data import fim
@@ -125,15 +127,16 @@ def make_dataset(
     ds = grain.MapDataset.mix(shards, [weights[language] for language in groups])
   else:
     (ds,) = shards
-  ds = ds.random_map(
-    functools.partial(
-      _wrap,
-      tokenizer=tokenizer,
-      fim_rate=c_data.fim_rate,
-      spm_rate=c_data.fim_spm_rate,
-    ),
-    seed=seed,
-  )
+  if c_data.source != 'instruct':  # Dialogs come rendered, BOS / EOS per turn.
+    ds = ds.random_map(
+      functools.partial(
+        _wrap,
+        tokenizer=tokenizer,
+        fim_rate=c_data.fim_rate,
+        spm_rate=c_data.fim_spm_rate,
+      ),
+      seed=seed,
+    )
 
   # Rows of one packed stream follow each other through a document, so a batch
   # drawn from one stream would hold a long document's rows and a gradient as
@@ -221,9 +224,13 @@ def _untangle_json(state):
 
 def _packed_stream(ds: grain.MapDataset, seq_len: int, c_data) -> grain.IterDataset:
   # Grain's own packer: documents concatenated and cut into rows of exactly
-  # seq_len; the part of a document that does not fit opens the next row.
+  # seq_len; the part of a document that does not fit opens the next row. An
+  # instruction's loss mask is packed alongside its tokens, so it stays aligned.
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=c_data.read_threads))
-  return grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={'tokens': seq_len})
+  features = ('tokens', 'loss_mask') if c_data.source == 'instruct' else ('tokens',)
+  return grain.experimental.ConcatThenSplitIterDataset(
+    ds, length_struct={feature: seq_len for feature in features}
+  )
 
 
 def document_groups(
@@ -233,6 +240,12 @@ def document_groups(
 
   Ids exclude BOS and EOS. Nothing is read until an element is asked for.
   """
+  if c_data.source == 'instruct':
+    examples, skipped = chat.records_to_examples(instruct_files(c_data, split), tokenizer)
+    if skipped:
+      logging.warning('%s split of %s: skipped records %s', split, c_data.path, dict(skipped))
+    rows = [{'tokens': e.tokens, 'loss_mask': e.loss_mask} for e in examples]
+    return {'all': grain.MapDataset.source(rows)}
   if c_data.source == 'prepared':
     directory = pathlib.Path(c_data.path).expanduser()
     manifest = records.read_manifest(directory)
@@ -260,8 +273,23 @@ def document_groups(
   }
 
 
+def instruct_files(c_data: ml_collections.ConfigDict, split: str) -> list[pathlib.Path]:
+  """JSONL files of an instruction set: `data.path` is a file (train only) or a directory
+  whose heldout*.jsonl[.gz] files are the held-out split and the other *.jsonl[.gz] train."""
+  path = pathlib.Path(c_data.path).expanduser()
+  if path.is_file():
+    return [path] if split == 'train' else []
+  if not path.is_dir():
+    raise FileNotFoundError(f'data.path={c_data.path!r}: no such instruction file or directory.')
+  files = sorted(p for p in path.iterdir() if p.name.endswith(('.jsonl', '.jsonl.gz')))
+  heldout = [p for p in files if p.name.startswith('heldout')]
+  return heldout if split == 'heldout' else [p for p in files if p not in heldout]
+
+
 def has_heldout(c_data: ml_collections.ConfigDict) -> bool:
   """Whether the data has a held-out split to evaluate on."""
+  if c_data.source == 'instruct':
+    return bool(instruct_files(c_data, 'heldout'))
   if c_data.source == 'prepared':
     manifest = records.read_manifest(c_data.path)
     return bool(manifest['splits']['heldout'])
@@ -301,8 +329,11 @@ def _rename(packed: dict, *, pad_id: int) -> dict:
   segment_ids = packed['tokens_segment_ids']
   # Grain pads with zeros, which is <unk>; the tokenizer's pad id says what it is.
   tokens = np.where(segment_ids > 0, packed['tokens'], np.int32(pad_id))
-  return {
+  out = {
     'tokens': tokens.astype(np.int32, copy=False),
     'segment_ids': segment_ids.astype(np.int32, copy=False),
     'positions': packed['tokens_positions'].astype(np.int32, copy=False),
   }
+  if 'loss_mask' in packed:
+    out['loss_mask'] = np.where(segment_ids > 0, packed['loss_mask'], 0).astype(np.int32)
+  return out

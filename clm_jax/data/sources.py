@@ -24,7 +24,7 @@ import ml_collections
 
 # Values `data.source` may take: this interpreter's standard library, a tree of
 # source files (both tokenized on the fly), or the output of `data prepare`.
-SOURCES = ('stdlib', 'files', 'prepared')
+SOURCES = ('stdlib', 'files', 'prepared', 'instruct')
 LANGUAGES = ('python', 'cpp', 'java', 'javascript', 'go', 'text')
 
 EXTENSIONS = {
