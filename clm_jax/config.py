@@ -157,6 +157,9 @@ def _check_values(c, num_devices, errors):
     errors.append(f'data.source: {c.data.source!r} is not one of {sources.SOURCES}')
   elif c.data.source != 'stdlib' and not c.data.path:
     errors.append(f'data.path: data.source={c.data.source!r} needs a path')
+  tasks = [task for task in t.code_eval_tasks.split(',') if task]
+  if unknown := sorted(set(tasks) - set(CODE_EVAL_TASKS)):
+    errors.append(f'train.code_eval_tasks: {unknown} are not among {CODE_EVAL_TASKS}')
   if c.data.source == 'instruct' and (c.data.fim_rate or c.data.mixture):
     errors.append(
       "data.source='instruct': data.fim_rate and data.mixture do not apply to dialogs; "
@@ -243,6 +246,9 @@ def _check_values(c, num_devices, errors):
     if m[key] % tensor:
       errors.append(f'model.{key}={m[key]} is not divisible by mesh.tensor={tensor}')
   # kv heads that do not divide over 'tensor' are replicated (sharding.py), not an error.
+
+
+CODE_EVAL_TASKS = ('humaneval', 'mbpp')
 
 
 def stream_count(c_data: ml_collections.ConfigDict, batch_size: int) -> int:

@@ -24,6 +24,7 @@ import os
 import pathlib
 import time
 from collections.abc import Callable
+from collections.abc import Hashable
 from collections.abc import Mapping
 from collections.abc import Sequence
 
@@ -150,24 +151,77 @@ def evaluate_humaneval(
     {'pass@1': ..., 'pass@10': ..., 'problems': ..., 'samples': ...,
      'statuses': {status: count}, 'seconds': ...}; pass@k as a fraction.
   """
-  start = time.time()
   problems = load_problems() if problems is None else problems
-  jobs = [(task_id, i) for task_id in problems for i in range(samples)]
+  return evaluate_programs(
+    complete,
+    {task_id: problem['prompt'] for task_id, problem in problems.items()},
+    lambda task_id, completion: program(problems[task_id], completion),
+    name='HumanEval',
+    stop_sequences=STOP_SEQUENCES,
+    samples=samples,
+    batch_size=batch_size,
+    out_dir=out_dir,
+    samples_file=SAMPLES_FILE,
+    summary_file=SUMMARY_FILE,
+    timeout=timeout,
+    limits=limits,
+    max_workers=max_workers,
+  )
+
+
+def evaluate_programs(
+  complete: Callable[[list[str]], Sequence[str]],
+  prompts: Mapping[Hashable, str],
+  make_program: Callable[[Hashable, str], str],
+  *,
+  name: str,
+  stop_sequences: Sequence[str],
+  samples: int,
+  batch_size: int,
+  out_dir: str | os.PathLike | None,
+  samples_file: str,
+  summary_file: str,
+  timeout: float,
+  limits: sandbox.Limits | None = None,
+  max_workers: int | None = None,
+) -> dict:
+  """Scores `complete` on any prompt -> program benchmark (HumanEval, MBPP).
+
+  Args:
+    complete: Prompts -> one completion each.
+    prompts: Task id -> prompt, in the order to report them.
+    make_program: (task id, truncated completion) -> the program that runs to
+      the end iff the completion solves the task.
+    name: The benchmark, for the logs.
+    stop_sequences: Each completion is cut at the first of these (`truncate`).
+    samples: Completions per task (n in pass@k).
+    batch_size: Prompts per call of `complete`.
+    out_dir: Where to write `samples_file` (one JSON line per sample: task_id,
+      sample, completion, passed, status, detail) and `summary_file`; None: nowhere.
+    timeout: Wall-clock seconds per program.
+    limits: Sandbox resource limits; default `sandbox.Limits()`.
+    max_workers: Programs run at once; default `sandbox.workers()`, one per CPU.
+
+  Returns:
+    `summarize`'s dict plus 'seconds'.
+  """
+  start = time.time()
+  jobs = [(task_id, i) for task_id in prompts for i in range(samples)]
   rows = []
   with concurrent.futures.ThreadPoolExecutor(max_workers or sandbox.workers()) as pool:
     for first in range(0, len(jobs), batch_size):
       batch = jobs[first : first + batch_size]
-      completions = list(complete([problems[task_id]['prompt'] for task_id, _ in batch]))
+      completions = list(complete([prompts[task_id] for task_id, _ in batch]))
       if len(completions) != len(batch):
         raise ValueError(f'complete() returned {len(completions)} completions for {len(batch)}')
       for (task_id, i), raw in zip(batch, completions, strict=True):
-        completion = truncate(raw)
+        completion = truncate(raw, stop_sequences)
         run = pool.submit(
-          sandbox.run, program(problems[task_id], completion), timeout=timeout, limits=limits
+          sandbox.run, make_program(task_id, completion), timeout=timeout, limits=limits
         )
         rows.append(({'task_id': task_id, 'sample': i, 'completion': completion}, run))
       logging.log_every_n_seconds(
-        logging.INFO, 'HumanEval: %d/%d completions written', 30, len(rows), len(jobs)
+        logging.INFO, '%s: %d/%d completions written', 30, name, len(rows), len(jobs)
       )
     records = [dict(row, **dataclasses.asdict(run.result())) for row, run in rows]
   summary = summarize(records, samples)
@@ -175,10 +229,10 @@ def evaluate_humaneval(
   if out_dir is not None:
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / SAMPLES_FILE, 'w') as f:
+    with open(out / samples_file, 'w') as f:
       f.writelines(json.dumps(record) + '\n' for record in records)
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + '\n')
-  logging.info('HumanEval: %s', summary)
+    (out / summary_file).write_text(json.dumps(summary, indent=2) + '\n')
+  logging.info('%s: %s', name, summary)
   return summary
 
 
@@ -200,5 +254,5 @@ def summarize(records: Sequence[Mapping], samples: int) -> dict:
     statuses=dict(collections.Counter(record['status'] for record in records)),
   )
   if summary['statuses'].get('error'):
-    logging.warning('HumanEval: the sandbox failed %d times', summary['statuses']['error'])
+    logging.warning('The sandbox failed %d times', summary['statuses']['error'])
   return summary

@@ -17,6 +17,7 @@ from clm_jax import config as config_lib
 from clm_jax import evaluate as evaluate_lib
 from clm_jax import flops
 from clm_jax import generate
+from clm_jax import mbpp
 from clm_jax import metrics as metrics_lib
 from clm_jax import preemption
 from clm_jax import sharding
@@ -57,15 +58,21 @@ def evaluate(s: train.Setup, params, heldout_ds, num_batches: int, batch_size: i
   return total / max(count, 1.0)
 
 
-def humaneval(s: train.Setup, state, tok, c_train, out_dir) -> dict:
-  """Greedy HumanEval pass@1 of the current params (every process generates; all run tests).
+def code_eval(s: train.Setup, state, tok, c_train, out_dir) -> dict:
+  """Greedy pass@1 of the current params on each of `train.code_eval_tasks`.
+
+  Every process generates (the params are sharded); each runs the tests, and
+  process 0 writes the samples and summaries.
 
   Args:
     s: The setup.
     state: The train state, in the setup's storage layout.
     tok: The run's tokenizer.
-    c_train: The `train` config: code_eval_problems, code_eval_max_new_tokens.
-    out_dir: Where process 0 writes the samples and summary; None = nowhere.
+    c_train: The `train` config: code_eval_tasks, _problems, _max_new_tokens.
+    out_dir: Where process 0 writes <task>/ samples and summary; None = nowhere.
+
+  Returns:
+    {'<task>_pass@1': ...} for each task.
   """
   params = s.to_checkpoint(state).params  # Plain layer order, as generate runs it.
 
@@ -80,12 +87,19 @@ def humaneval(s: train.Setup, state, tok, c_train, out_dir) -> dict:
       seed=seed,
     )
 
-  problems = evaluate_lib.load_problems()
-  if c_train.code_eval_problems:
-    problems = dict(list(problems.items())[: c_train.code_eval_problems])
-  return evaluate_lib.evaluate_humaneval(
-    evaluate_lib.make_complete(generate_fn, tok), problems=problems, out_dir=out_dir
-  )
+  complete = evaluate_lib.make_complete(generate_fn, tok)
+  n = c_train.code_eval_problems or None
+  out = {}
+  for task in filter(None, c_train.code_eval_tasks.split(',')):
+    task_dir = out_dir / task if out_dir else None
+    if task == 'mbpp':
+      ids = list(mbpp.SPLITS['test'])[:n]
+      summary = mbpp.evaluate_mbpp(complete, task_ids=ids, sha256=mbpp.SHA256, out_dir=task_dir)
+    else:
+      problems = dict(list(evaluate_lib.load_problems().items())[:n])
+      summary = evaluate_lib.evaluate_humaneval(complete, problems=problems, out_dir=task_dir)
+    out[f'{task}_pass@1'] = summary['pass@1']
+  return out
 
 
 def run(c, workdir: str | pathlib.Path) -> dict:
@@ -208,10 +222,11 @@ def run(c, workdir: str | pathlib.Path) -> dict:
         if pending:
           finish(*pending)
           pending = None
-        out_dir = workdir / 'eval' / 'humaneval' / f'step_{step}' if is_main else None
-        pass_at_1 = humaneval(s, state, tok, c.train, out_dir)['pass@1']
-        last = {**last, 'humaneval_pass@1': pass_at_1}
-        writer.write(step, {'humaneval_pass@1': pass_at_1})
+        scores = code_eval(
+          s, state, tok, c.train, workdir / 'eval' / f'step_{step}' if is_main else None
+        )
+        last = {**last, **scores}
+        writer.write(step, scores)
         meter.restart()  # Evaluation time is not step time.
       stopping = stop.requested(step)
       if step % c.checkpoint.every == 0 or step == c.train.steps or stopping:

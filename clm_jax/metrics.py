@@ -22,6 +22,7 @@ TAGS = {
   'eval_loss': 'eval/loss',
   'eval_perplexity': 'eval/perplexity',
   'humaneval_pass@1': 'eval/humaneval_pass_at_1',
+  'mbpp_pass@1': 'eval/mbpp_pass_at_1',
   'tokens_per_sec': 'perf/tokens_per_sec',
   'step_time': 'perf/step_time',
   'tflops_per_device': 'perf/tflops_per_device',

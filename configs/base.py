@@ -51,10 +51,12 @@ def get_config() -> ml_collections.ConfigDict:
   t.log_every = 10  # Steps between metric lines.
   t.eval_every = 0  # Steps between held-out evaluations; 0 = only at the end.
   t.eval_batches = 4  # Held-out batches per evaluation; 0 disables evaluation.
-  # HumanEval during training (greedy pass@1, sandboxed; process 0 logs it as
-  # eval/humaneval_pass_at_1): steps between runs, 0 = never; the first N problems,
-  # 0 = all 164; tokens per completion at most.
+  # Code evaluation during training (greedy pass@1, sandboxed; process 0 logs
+  # eval/<task>_pass_at_1): steps between runs, 0 = never; the tasks, of humaneval
+  # and mbpp (3-shot, test split); the first N problems of each, 0 = all; tokens
+  # per completion at most.
   t.code_eval_every = 0
+  t.code_eval_tasks = 'humaneval'
   t.code_eval_problems = 0
   t.code_eval_max_new_tokens = 384
   t.max_nonfinite = 10  # Consecutive non-finite steps (skipped) before the run stops.

@@ -7,7 +7,7 @@ Commands:
   convert           --to_params: a run's latest checkpoint -> params only, in --dtype;
                     --from_hf / --to_hf: Hugging Face Llama directories <-> clm_jax.
   generate          Continue --prompt (or infill up to --suffix) with --checkpoint.
-  eval              --task=humaneval (pass@k, sandboxed) or perplexity (held-out code).
+  eval              --task=humaneval | mbpp (pass@k, sandboxed) | perplexity (held-out code).
   slurm             Write an sbatch script that trains the config on --nodes nodes.
   sweep             Run the trials of a sweep file (--config=configs/sweeps/NAME.py).
 
@@ -33,6 +33,7 @@ Examples:
   python -m launch convert --to_hf=hf/default --workdir=runs/default
   python -m launch generate --checkpoint=runs/default --prompt='def fib(n):'
   python -m launch eval --task=humaneval --checkpoint=runs/default --max_new_tokens=512
+  python -m launch eval --task=mbpp --checkpoint=runs/default --max_new_tokens=512
   python -m launch eval --task=perplexity --checkpoint=runs/default
 """
 
@@ -71,6 +72,7 @@ def main(argv):
   from clm_jax import config as config_lib
   from clm_jax import distributed
   from clm_jax import hf
+  from clm_jax import mbpp
   from clm_jax import sweep
   from clm_jax.data import records
 
@@ -83,6 +85,7 @@ def main(argv):
     distributed.DistributedError,
     sweep.SweepError,
     hf.HFError,
+    mbpp.MBPPError,
     FileNotFoundError,
     FileExistsError,
   ) as e:

@@ -19,10 +19,16 @@ _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'generate, eval: 0 = greed
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'generate, eval: sample the k likeliest; 0 = all.')
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'generate, eval: nucleus sampling mass.')
 _SEED = flags.DEFINE_integer('seed', 0, 'generate, eval: sampling seed.')
-_TASK = flags.DEFINE_enum('task', 'humaneval', ['humaneval', 'perplexity'], 'eval: what to run.')
+_TASK = flags.DEFINE_enum(
+  'task', 'humaneval', ['humaneval', 'mbpp', 'perplexity'], 'eval: what to run.'
+)
+_DATA = flags.DEFINE_string('data', '', 'eval mbpp: the MBPP file; default data/mbpp/mbpp.jsonl.')
+_SPLIT = flags.DEFINE_enum(
+  'split', 'test', ['test', 'validation', 'train', 'prompt'], 'eval mbpp: the split.'
+)
 _SAMPLES = flags.DEFINE_integer('samples', 1, 'eval humaneval: completions per problem.')
-_PROBLEMS = flags.DEFINE_integer('problems', 0, 'eval humaneval: only the first N; 0 = all 164.')
-_BATCH = flags.DEFINE_integer('batch_size', 16, 'eval humaneval: prompts generated at once.')
+_PROBLEMS = flags.DEFINE_integer('problems', 0, 'eval humaneval, mbpp: only the first N; 0 = all.')
+_BATCH = flags.DEFINE_integer('batch_size', 16, 'eval humaneval, mbpp: prompts generated at once.')
 
 
 def _load():
@@ -80,16 +86,18 @@ def evaluate():
 
     result = perplexity.heldout(model, flags.FLAGS.config)
   else:
-    result = _humaneval(model, out_dir)
+    result = _code_eval(model, out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / 'summary.json').write_text(json.dumps(result, indent=2) + '\n')
   print(json.dumps(result), flush=True)
   print(f'Results in {out_dir}', flush=True)
 
 
-def _humaneval(model, out_dir) -> dict:
+def _code_eval(model, out_dir) -> dict:
+  """HumanEval (zero-shot) or MBPP (3-shot): pass@k of sandboxed completions."""
   from clm_jax import evaluate as evaluate_lib
   from clm_jax import generate as generate_lib
+  from clm_jax import mbpp
   from clm_jax import sandbox
 
   tok = model.tokenizer
@@ -112,16 +120,17 @@ def _humaneval(model, out_dir) -> dict:
       **sampling,
     )
 
+  complete = evaluate_lib.make_complete(generate_fn, tok, seed=_SEED.value)
+  common_args = dict(samples=_SAMPLES.value, batch_size=_BATCH.value, out_dir=out_dir)
+  if _TASK.value == 'mbpp':
+    # The shipped file is checked against its published checksum; a given one is not.
+    data = dict(data_path=_DATA.value, sha256=None) if _DATA.value else dict(sha256=mbpp.SHA256)
+    ids = list(mbpp.SPLITS[_SPLIT.value])[: _PROBLEMS.value or None]
+    return mbpp.evaluate_mbpp(complete, split=_SPLIT.value, task_ids=ids, **data, **common_args)
   problems = evaluate_lib.load_problems()
   if _PROBLEMS.value:
     problems = dict(list(problems.items())[: _PROBLEMS.value])
-  return evaluate_lib.evaluate_humaneval(
-    evaluate_lib.make_complete(generate_fn, tok, seed=_SEED.value),
-    samples=_SAMPLES.value,
-    batch_size=_BATCH.value,
-    out_dir=out_dir,
-    problems=problems,
-  )
+  return evaluate_lib.evaluate_humaneval(complete, problems=problems, **common_args)
 
 
 COMMANDS = {'generate': generate, 'eval': evaluate}

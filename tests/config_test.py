@@ -14,7 +14,7 @@ from clm_jax.data import sources
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / 'configs'
 # Devices each config is meant for (the rest run anywhere with -1 filling).
-DEVICES = {'codellama_34b': 128, 'codellama_7b': 128}
+DEVICES = {'codellama_34b': 128, 'codellama_7b': 128, 'codellama_34b_instruct': 128}
 
 
 def _load(path):
@@ -84,6 +84,12 @@ BAD = [
   ),
   ({'train.global_batch_size': 6, 'train.microbatches': 4}, 1, 'train.microbatches=4'),
   ({'train.global_batch_size': 24, 'data.streams': 16}, 1, 'data.streams=16 must divide'),
+  ({'train.code_eval_tasks': 'humaneval,apps'}, 1, "train.code_eval_tasks: ['apps']"),
+  (
+    {'data.source': 'instruct', 'data.path': 'x.jsonl', 'data.fim_rate': 0.5},
+    1,
+    "data.source='instruct': data.fim_rate and data.mixture",
+  ),
   (
     {'train.global_batch_size': 8, 'train.microbatches': 2, 'mesh.data': 8},
     8,

@@ -130,14 +130,16 @@ def test_convert_to_and_from_hugging_face_then_generate_and_evaluate(tmp_path):
     cache,
     '--config.train.steps=3',
     '--config.train.code_eval_every=3',
+    '--config.train.code_eval_tasks=humaneval,mbpp',
     '--config.train.code_eval_problems=2',
     '--config.train.code_eval_max_new_tokens=4',
   )
-  # HumanEval during training: logged, and its samples kept per step.
-  assert [m['humaneval_pass@1'] for m in _lines(run) if 'humaneval_pass@1' in m] == [0.0]
-  assert 'eval/humaneval_pass_at_1' in _tb_tags(run / 'tb')
-  samples = run / 'eval' / 'humaneval' / 'step_3' / 'humaneval_samples.jsonl'
-  assert len(samples.read_text().splitlines()) == 2
+  # HumanEval and MBPP during training: logged, and their samples kept per step.
+  for task in ('humaneval', 'mbpp'):
+    assert [m[f'{task}_pass@1'] for m in _lines(run) if f'{task}_pass@1' in m] == [0.0]
+    assert f'eval/{task}_pass_at_1' in _tb_tags(run / 'tb')
+    samples = run / 'eval' / 'step_3' / task / f'{task}_samples.jsonl'
+    assert len(samples.read_text().splitlines()) == 2
   hf_dir = tmp_path / 'hf'
   out = cli.launch(
     'convert', f'--to_hf={hf_dir}', f'--workdir={run}', '--dtype=float32', cache=cache
@@ -179,3 +181,10 @@ def test_convert_to_and_from_hugging_face_then_generate_and_evaluate(tmp_path):
   assert [r['task_id'] for r in records] == ['HumanEval/0', 'HumanEval/1', 'HumanEval/2']
   summary = json.loads((tmp_path / 'he' / 'summary.json').read_text())
   assert summary['pass@1'] == sum(r['passed'] for r in records) / 3 and summary['problems'] == 3
+
+  out = cli.launch(
+    'eval', '--task=mbpp', f'--checkpoint={run}', '--problems=2', '--max_new_tokens=4',
+    f'--output={tmp_path / "mbpp"}', cache=cache,
+  )  # fmt: skip
+  records = [json.loads(line) for line in (tmp_path / 'mbpp' / 'mbpp_samples.jsonl').open()]
+  assert [r['task_id'] for r in records] == [11, 12]
