@@ -7,10 +7,10 @@ import types
 
 import jax
 import jax.numpy as jnp
+import models
 import numpy as np
 import pytest
 
-from clm_jax import config as config_lib
 from clm_jax import generate
 from clm_jax import model as model_lib
 from clm_jax import sharding
@@ -30,19 +30,7 @@ FULL_LEN = len(PROMPTS[0]) + NEW
 
 
 def _cfg(**overrides):
-  kw = dict(
-    vocab_size=97,
-    d_model=32,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    mlp_dim=48,
-    max_seq_len=64,
-    dtype='float32',
-    remat='none',
-    rope_theta=500.0,
-  )
-  return config_lib.ModelConfig(**{**kw, **overrides})
+  return models.tiny_model_config(**overrides)
 
 
 @functools.cache

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import models
 import numpy as np
 import pytest
 
@@ -17,19 +18,7 @@ token_losses = jax.jit(train.token_losses, static_argnums=(0, 3))
 
 
 def _cfg(**overrides):
-  kw = dict(
-    vocab_size=97,
-    d_model=32,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    mlp_dim=48,
-    max_seq_len=64,
-    dtype='float32',
-    remat='none',
-    rope_theta=500.0,
-  )
-  return config_lib.ModelConfig(**{**kw, **overrides})
+  return models.tiny_model_config(**overrides)
 
 
 def _init(cfg, seed=0):
