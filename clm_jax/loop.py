@@ -114,8 +114,14 @@ def run(c, workdir: str | pathlib.Path) -> dict:
   c_data = c.data
   if c.train.init_from and not c.data.tokenizer:
     # Fine-tuning reads text the way the pre-trained model did.
+    tokenizer_path = pathlib.Path(c.train.init_from).expanduser() / 'tokenizer.model'
+    if not tokenizer_path.is_file():
+      raise FileNotFoundError(
+        f'train.init_from={c.train.init_from!r} has no tokenizer.model: it is not a run '
+        'directory, params-only checkpoint or Hugging Face directory; or set data.tokenizer.'
+      )
     c_data = c.data.copy_and_resolve_references()
-    c_data.tokenizer = str(pathlib.Path(c.train.init_from).expanduser() / 'tokenizer.model')
+    c_data.tokenizer = str(tokenizer_path)
   tok = tokenizer_lib.for_corpus(c_data, c.model.vocab_size)
   if is_main:
     shutil.copyfile(tok.path, workdir / 'tokenizer.model')

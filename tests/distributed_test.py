@@ -6,7 +6,6 @@ killed and restarted; one of them dies and the other must not outlive it.
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -204,4 +203,3 @@ def test_a_partial_layout_is_a_clear_error(args, match):
 
 def test_spawn_exit_code_reports_death_by_signal():
   assert spawn.exit_code(-signal.SIGKILL) == 137 and spawn.exit_code(3) == 3
-  assert os.cpu_count()  # The supervisor itself runs in the tests above.

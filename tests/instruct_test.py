@@ -155,6 +155,12 @@ def test_rounds_of_instruction_tuning_from_pre_trained_params(tmp_path):
     f'--config.train.init_from={pretrained}', check=False,
   )  # fmt: skip
   assert out.returncode != 0 and 'params/blocks/mlp/w_down has shape' in out.stderr
+  out = cli.train(
+    tmp_path / 'bad2', cache, *INSTRUCT, f'--config.train.init_from={tmp_path / "nowhere"}',
+    check=False,
+  )  # fmt: skip
+  assert out.returncode != 0 and 'error: train.init_from=' in out.stderr
+  assert 'Traceback' not in out.stderr
 
   # generate --chat formats the turn with the template and prints the answer.
   question = 'Write a function that reverses a string.'
