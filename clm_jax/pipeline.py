@@ -137,7 +137,11 @@ def loss_sum(params, graphdef, batch_KBT, schedule: Schedule, loss_chunk_len: in
   w_DV = model.lm_head[...]
   chunk = loss_chunk_len or T
 
-  def stage(w_C, x_BTD, segment_ids_BT, positions_BT):
+  def stage(w_RC, repeat, x_BTD, segment_ids_BT, positions_BT):
+    # The chunk is picked inside the (checkpointed) stage: picked outside, its
+    # copy would be a new residual of every iteration, the stage's weights
+    # held I times over. With one repeat the pick is static.
+    w_C = jax.tree.map(lambda w: w[0] if R == 1 else w[repeat], w_RC)
     return model_lib.run_blocks(
       blocks_graphdef, w_C, x_BTD, segment_ids_BT, positions_BT, cfg.remat
     )
@@ -148,12 +152,14 @@ def loss_sum(params, graphdef, batch_KBT, schedule: Schedule, loss_chunk_len: in
     stage = jax.checkpoint(stage, policy=jax.checkpoint_policies.nothing_saveable)
   stages = jax.vmap(stage, spmd_axis_name=sharding.stage_mesh_axis())
   embed = jax.vmap(model.embed_tokens, spmd_axis_name=sharding.stage_mesh_axis())
-  stage_losses = jax.vmap(
-    lambda x_BTD, targets_BT, weights_BT: loss_lib.loss_sum(
-      x_BTD, w_DV, targets_BT, weights_BT, chunk
-    ),
-    spmd_axis_name=sharding.stage_mesh_axis(),
-  )
+
+  def stage_loss(y_BTD, targets_BT, weights_BT):
+    # The final norm is recomputed in backward: kept, its float32
+    # intermediates would be 4x the stream's bytes per iteration.
+    x_BTD = jax.checkpoint(model.final_norm)(y_BTD)
+    return loss_lib.loss_sum(x_BTD, w_DV, targets_BT, weights_BT, chunk)
+
+  stage_losses = jax.vmap(stage_loss, spmd_axis_name=sharding.stage_mesh_axis())
 
   def iteration(carry, t):
     x_PBTD, total, count = carry
@@ -167,15 +173,14 @@ def loss_sum(params, graphdef, batch_KBT, schedule: Schedule, loss_chunk_len: in
     fresh_PBTD = embed(tokens_KBT[micro_P])
     take_fresh_P = (jnp.arange(P) == 0) & (repeat_P == 0)
     x_PBTD = jnp.where(take_fresh_P[:, None, None, None], fresh_PBTD, x_PBTD)
-    w_PC = jax.tree.map(lambda w: jax.vmap(lambda a, r: a[r])(w, repeat_P), w_PRC)
-    y_PBTD = stages(w_PC, x_PBTD, segments_KBT[micro_P], positions_KBT[micro_P])
+    y_PBTD = stages(w_PRC, repeat_P, x_PBTD, segments_KBT[micro_P], positions_KBT[micro_P])
     y_PBTD = sharding.constrain(y_PBTD, ('stage', 'batch', 'seq', None))
     # A micro-batch is done when the last stage ran its last repeat. The loss
     # is vmapped over stages with the others' weights zero, so each stage
     # reads only its own output: no broadcast of the last stage's activations.
     done_P = valid_P & (repeat_P == R - 1) & (jnp.arange(P) == P - 1)
     weights_PBT = weights_KBT[micro_P] * done_P[:, None, None]
-    losses_P = stage_losses(model.final_norm(y_PBTD), targets_KBT[micro_P], weights_PBT)
+    losses_P = stage_losses(y_PBTD, targets_KBT[micro_P], weights_PBT)
     total, count = total + losses_P.sum(), count + weights_PBT.sum()
     x_PBTD = jnp.roll(y_PBTD, 1, axis=0)  # Stage s's output to stage s + 1.
     return (x_PBTD, total, count), None
