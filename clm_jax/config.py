@@ -41,6 +41,7 @@ class ModelConfig:
   dtype: str = 'bfloat16'
   remat: str = 'full'
   attention: str = 'xla'
+  max_segments: int = 64
 
   @property
   def head_dim(self) -> int:
@@ -48,7 +49,12 @@ class ModelConfig:
 
   @classmethod
   def from_config(cls, c_model: ml_collections.ConfigDict) -> 'ModelConfig':
-    return cls(**{f.name: c_model[f.name] for f in dataclasses.fields(cls)})
+    # A config saved before a field with a default existed (an older run's
+    # config.json) ran with that default.
+    fields = [
+      f for f in dataclasses.fields(cls) if f.name in c_model or f.default is dataclasses.MISSING
+    ]
+    return cls(**{f.name: c_model[f.name] for f in fields})
 
 
 def flatten(c: ml_collections.ConfigDict, prefix: str = '') -> dict:
@@ -115,6 +121,7 @@ def _check_values(c, num_devices, errors):
 
   positive('model', 'vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads')
   positive('model', 'mlp_dim', 'rope_theta', 'norm_eps', 'max_seq_len', 'init_std')
+  positive('model', 'max_segments')
   positive('train', 'steps', 'seq_len', 'global_batch_size', 'microbatches', 'log_every')
   positive('optim', 'peak_lr', 'eps')
   positive('checkpoint', 'every', 'keep')
@@ -131,6 +138,10 @@ def _check_values(c, num_devices, errors):
     ('data', 'read_threads'),
     ('data', 'prefetch'),
     ('checkpoint', 'keep_period'),
+    ('plan', 'devices'),
+    ('plan', 'tokens'),
+    ('plan', 'target_days'),
+    ('plan', 'claimed_gpu_hours'),
     ('train', 'max_nonfinite'),
     ('train', 'code_eval_every'),
     ('train', 'code_eval_problems'),
@@ -141,6 +152,8 @@ def _check_values(c, num_devices, errors):
   for key in ('b1', 'b2'):
     if not 0 <= o[key] < 1:
       errors.append(f'optim.{key}: must be in [0, 1), got {o[key]}')
+  if not 0 < c.plan.mfu <= 1:
+    errors.append(f'plan.mfu: must be in (0, 1], got {c.plan.mfu}')
   if not 0 <= o.end_lr_ratio <= 1:
     errors.append(f'optim.end_lr_ratio: must be in [0, 1], got {o.end_lr_ratio}')
   if not 0 <= c.data.heldout_fraction < 1:
@@ -186,6 +199,17 @@ def _check_values(c, num_devices, errors):
     )
   if t.seq_len > m.max_seq_len:
     errors.append(f'train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}')
+  if m.attention == 'cudnn':
+    if m.max_segments > t.seq_len:
+      errors.append(
+        f'model.max_segments={m.max_segments} exceeds train.seq_len={t.seq_len}: a row holds '
+        'at most one document per token, and cuDNN attention is compiled for max_segments'
+      )
+    if m.dtype not in ('bfloat16', 'float16'):
+      errors.append(
+        f"model.attention='cudnn' needs model.dtype 'bfloat16' or 'float16' (cuDNN flash "
+        f'attention), got {m.dtype!r}'
+      )
   if t.loss_chunk_len < 0 or (t.loss_chunk_len and t.seq_len % t.loss_chunk_len):
     errors.append(
       f'train.loss_chunk_len={t.loss_chunk_len} must be 0 or divide train.seq_len={t.seq_len}'

@@ -285,7 +285,7 @@ def _mask_and_positions(pad_B, index, T: int, S: int):
   slot_S = jnp.arange(S)
   real_BT = slot_T >= pad_B[:, None]
   real_BS = slot_S >= pad_B[:, None]
-  # As layers.document_mask with padding as its own document, plus causality.
+  # As attention.document_mask with padding as its own document, plus causality.
   mask_BTS = (real_BT[:, :, None] == real_BS[:, None, :]) & (slot_S <= slot_T[:, None])
   return mask_BTS, jnp.maximum(slot_T - pad_B[:, None], 0)
 

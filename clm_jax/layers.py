@@ -19,7 +19,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from clm_jax import attention
 from clm_jax import config as config_lib
 from clm_jax import sharding
 
@@ -61,19 +63,13 @@ def rotary(x_BTnH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Arra
   return out.astype(x_BTnH.dtype)
 
 
-def document_mask(segment_ids_BT: jax.Array) -> jax.Array:
-  """[B, 1, T, S] True where query and key are in the same packed document.
-
-  Causality is added by `is_causal`; together a token sees only earlier
-  tokens of its own document. Padding (segment 0) sees only padding, which
-  keeps every softmax row non-empty; its targets are masked in the loss.
-  """
-  return (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
-
-
 def _project(x_XD: jax.Array, w_DnH: jax.Array) -> jax.Array:
   """x @ w for a [D, heads, H] weight, as one [D, heads * H] matmul."""
   return x_XD @ w_DnH.reshape(w_DnH.shape[0], -1).astype(x_XD.dtype)
+
+
+# The outputs of the seven projections, by the names they are tagged with.
+PROJECTIONS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
 
 
 class KVCache(NamedTuple):
@@ -101,15 +97,13 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BTD, segment_ids_BT, positions_BT) -> jax.Array:
     q_BTNH, k_BSKH, v_BSKH = self._qkv(x_BTD, positions_BT)
-    # The softmax runs in float32 inside dot_product_attention. GQA is native:
-    # the K kv heads are shared by N / K query heads each, never repeated.
-    out_BTNH = jax.nn.dot_product_attention(
+    out_BTNH = attention.attend(
       q_BTNH,
       k_BSKH,
       v_BSKH,
-      mask=document_mask(segment_ids_BT),
-      is_causal=True,
+      segment_ids_BT,
       implementation=self.cfg.attention,
+      max_segments=self.cfg.max_segments,
     )
     return self._out(out_BTNH, x_BTD.dtype)
 
@@ -154,9 +148,10 @@ class Attention(nnx.Module):
     B, T, D = x_BTD.shape
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     x_XD = x_BTD.reshape(B * T, D)
-    q_BTNH = _project(x_XD, self.wq[...]).reshape(B, T, N, H)
-    k_BTKH = _project(x_XD, self.wk[...]).reshape(B, T, K, H)
-    v_BTKH = _project(x_XD, self.wv[...]).reshape(B, T, K, H)
+    # Named for the 'save_dots' remat policy (see PROJECTIONS).
+    q_BTNH = checkpoint_name(_project(x_XD, self.wq[...]), 'q_proj').reshape(B, T, N, H)
+    k_BTKH = checkpoint_name(_project(x_XD, self.wk[...]), 'k_proj').reshape(B, T, K, H)
+    v_BTKH = checkpoint_name(_project(x_XD, self.wv[...]), 'v_proj').reshape(B, T, K, H)
     q_BTNH = sharding.constrain(q_BTNH, ('batch', 'seq', 'heads', None))
     q_BTNH = rotary(q_BTNH, positions_BT, cfg.rope_theta)
     k_BTKH = rotary(k_BTKH, positions_BT, cfg.rope_theta)
@@ -167,7 +162,7 @@ class Attention(nnx.Module):
     B, T, N, H = out_BTNH.shape
     D = self.cfg.d_model
     wo_ZD = self.wo[...].reshape(N * H, D)
-    out_XD = out_BTNH.reshape(B * T, N * H) @ wo_ZD.astype(dtype)
+    out_XD = checkpoint_name(out_BTNH.reshape(B * T, N * H) @ wo_ZD.astype(dtype), 'o_proj')
     return sharding.constrain(out_XD.reshape(B, T, D), ('batch', 'seq', None))
 
 
@@ -183,10 +178,10 @@ class MLP(nnx.Module):
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     x_XD = x_BTD.reshape(-1, x_BTD.shape[-1])
     dtype = x_XD.dtype
-    gate_XF = x_XD @ self.w_gate[...].astype(dtype)
-    up_XF = x_XD @ self.w_up[...].astype(dtype)
+    gate_XF = checkpoint_name(x_XD @ self.w_gate[...].astype(dtype), 'gate_proj')
+    up_XF = checkpoint_name(x_XD @ self.w_up[...].astype(dtype), 'up_proj')
     h_XF = sharding.constrain(jax.nn.silu(gate_XF) * up_XF, ('batch', 'mlp'))
-    out_XD = h_XF @ self.w_down[...].astype(dtype)
+    out_XD = checkpoint_name(h_XF @ self.w_down[...].astype(dtype), 'down_proj')
     return sharding.constrain(out_XD.reshape(x_BTD.shape), ('batch', 'seq', None))
 
 

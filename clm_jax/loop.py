@@ -12,6 +12,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from clm_jax import attention
 from clm_jax import checkpoint
 from clm_jax import config as config_lib
 from clm_jax import evaluate as evaluate_lib
@@ -204,7 +205,10 @@ def run(c, workdir: str | pathlib.Path) -> dict:
 
     step = start
     for step in range(start + 1, c.train.steps + 1):
-      batch = sharding.host_to_global(next(train_it), mesh, c.train.global_batch_size)
+      host_batch = next(train_it)
+      if c.model.attention == 'cudnn':
+        attention.check_segments(host_batch['segment_ids'], c.model.max_segments)
+      batch = sharding.host_to_global(host_batch, mesh, c.train.global_batch_size)
       state, metrics = s.train_step(state, batch)
       if pending:
         finish(*pending)

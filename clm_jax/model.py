@@ -22,9 +22,10 @@ from clm_jax import sharding
 _REMAT_POLICIES = {
   # Keep only the scan carry; recompute the whole block in backward.
   'full': jax.checkpoint_policies.nothing_saveable,
-  # Keep the projections' outputs (matmuls without batch dimensions), recompute
-  # norms, rotary, the attention core and the MLP's elementwise ops.
-  'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  # Keep the projections' outputs, recompute norms, rotary, the attention core
+  # and the MLP's elementwise ops. By name, not "dots without batch
+  # dimensions": the pipeline vmaps stages, which gives every projection one.
+  'save_dots': jax.checkpoint_policies.save_only_these_names(*layers.PROJECTIONS),
 }
 
 

@@ -26,7 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
   m.param_dtype = 'float32'  # Dtype of the master weights (and optimizer state).
   m.dtype = 'bfloat16'  # Compute dtype of matmuls; logits and softmax stay float32.
   m.remat = 'full'  # Recompute in backward: 'none' | 'full' | 'save_dots' (keep matmul outputs).
-  m.attention = 'xla'  # jax.nn.dot_product_attention implementation: 'xla' | 'cudnn'.
+  m.attention = 'xla'  # Attention core: 'xla' (dense document mask) | 'cudnn' (flash, packed).
+  m.max_segments = 64  # Documents per packed row (padding one) 'cudnn' is built for; 'xla' ignores.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Data-parallel size; -1 takes every device left over.
@@ -98,6 +99,16 @@ def get_config() -> ml_collections.ConfigDict:
   d.prefetch = 2  # Batches made ahead in a background thread; 0 = none.
   d.tokenizer = ''  # sentencepiece .model; '' = the prepared dir's, or one trained on the corpus.
   d.tokenizer_sample_mb = 8  # Raw sources: megabytes of text the default tokenizer learns from.
+
+  # What `python -m launch plan` sizes the run for (flags of the same names override).
+  c.plan = p = ml_collections.ConfigDict()
+  p.device_type = 'a100-80gb'  # One of clm_jax.plan.DEVICE_TYPES: peak FLOP/s and memory.
+  p.devices = 0  # Devices of the run; 0 = the mesh's size (or this machine's devices).
+  p.mfu = 0.4  # Model-FLOPs utilisation assumed for step time and duration.
+  p.tokens = 0.0  # Training-token budget; 0 = train.steps x tokens per step.
+  p.target_days = 0.0  # A wall-clock target; the plan gives the MFU it needs. 0 = none.
+  # GPU-hours a source reports for the run, checked against devices x target_days; 0 = none.
+  p.claimed_gpu_hours = 0.0
 
   c.lock()
   return c

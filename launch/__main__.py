@@ -2,6 +2,8 @@
 
 Commands:
   train             Train (or resume) the config into --workdir.
+  plan              Parameters, memory per device, FLOPs and time of the config, and the
+                    layouts that fit; --xla also compiles the real step (--json for data).
   tokenizer train   Train a sentencepiece BPE tokenizer for code on --input.
   data prepare      Filter, deduplicate and tokenize --input into ArrayRecord shards.
   convert           --to_params: a run's latest checkpoint -> params only, in --dtype;
@@ -17,6 +19,7 @@ N such processes on this machine.
 
 Examples:
   python -m launch train
+  python -m launch plan --config=configs/codellama_34b.py [--device_type=h100-80gb] [--xla]
   XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m launch train --spawn=2 \\
       --config.mesh.data=4 --config.mesh.tensor=2
   python -m launch slurm --config=configs/codellama_34b.py --nodes=16 --gpus_per_node=8
@@ -48,11 +51,13 @@ from launch import common
 from launch import convert
 from launch import data
 from launch import inference
+from launch import planning
 from launch import training
 
 # Each command's flags live in its module; importing them defines the flags.
 _RUN = {
   **training.COMMANDS,
+  **planning.COMMANDS,
   **data.COMMANDS,
   **convert.COMMANDS,
   **inference.COMMANDS,

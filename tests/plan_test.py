@@ -1,0 +1,163 @@
+"""The planner against the real model, XLA's compiled step and hand-computed figures."""
+
+import importlib
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from clm_jax import config as config_lib
+from clm_jax import model as model_lib
+from clm_jax import plan
+from clm_jax import xla_memory
+from configs import default
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIGS = sorted(p.stem for p in (ROOT / 'configs').glob('*.py') if p.stem != '__init__')
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_param_count_equals_the_real_model(name):
+  c = importlib.import_module(f'configs.{name}').get_config()
+  cfg = config_lib.ModelConfig.from_config(c.model)
+  _, abstract, _ = model_lib.abstract(cfg)
+  assert plan.param_count(cfg) == model_lib.param_count(abstract)
+
+
+def _small(**overrides):
+  c = default.get_config()
+  c.model.dtype = 'bfloat16'
+  c.model.remat = 'full'
+  c.mesh.data = 1
+  for key, value in overrides.items():
+    section, name = key.split('__')
+    c[section][name] = value
+  return c
+
+
+# Small configs on meshes up to 8 devices: one device, long rows (attention-
+# dominated), data x tensor, a 2 x 2 x 2 pipeline, a 4-stage pipeline with
+# fewer micro-batches in flight than per step, a circular schedule, FSDP,
+# the projections saved, and no remat (float32: XLA:CPU computes bfloat16
+# elementwise ops in float32 and keeps those copies, which GPUs do not).
+CASES = {
+  'one_device': {},
+  'long_rows': dict(train__seq_len=1024, train__global_batch_size=4),
+  'data_tensor': dict(mesh__data=4, mesh__tensor=2, train__microbatches=2),
+  'pipeline_2x2x2': dict(mesh__data=2, mesh__tensor=2, mesh__pipeline=2, train__microbatches=4),
+  'pipeline_4': dict(
+    mesh__data=2, mesh__pipeline=4, train__microbatches=8, mesh__pipeline_microbatches=4
+  ),
+  'circular': dict(mesh__pipeline=2, mesh__virtual_stages=2, train__microbatches=4),
+  'fsdp': dict(mesh__data=8, mesh__fsdp=True),
+  'save_dots': dict(model__remat='save_dots', mesh__tensor=2),
+  'no_remat_fp32': dict(model__remat='none', model__dtype='float32'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_memory_within_15_percent_of_xla(case):
+  c = _small(**CASES[case])
+  devices = c.mesh.data * c.mesh.tensor * c.mesh.pipeline
+  compiled = xla_memory.measure(c, jax.devices()[:devices])
+  estimate = plan.memory(c, plan.layout_of(c, devices))
+  # The state is exact: it is the real sharding of the real shapes.
+  assert estimate.params + estimate.optimizer == pytest.approx(compiled['arguments'], rel=0.01)
+  assert estimate.total == pytest.approx(compiled['total'], rel=0.15), (estimate, compiled)
+
+
+def _plan_cli(*args):
+  done = subprocess.run(
+    [sys.executable, '-m', 'launch', 'plan', *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    check=False,
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  return done.stdout
+
+
+def test_codellama_34b_figures_of_the_original_run():
+  text = _plan_cli('--config=configs/codellama_34b.py', '--suggest=2')
+  p = json.loads(_plan_cli('--config=configs/codellama_34b.py', '--json', '--suggest=2'))
+
+  # Hand-computed: 6 FLOPs per matmul parameter (4 attention projections of
+  # 64 + 64 + 8 + 8 heads x 128, 3 MLP matrices, the LM head) plus causal
+  # attention (QK^T and PV, 2 x 2 FLOPs x 3 for backward, halved).
+  D, L, F, V, T = 8192, 48, 22016, 32000, 8192
+  matmul = L * (D * 128 * (64 + 64 + 8 + 8) + 3 * D * F) + D * V
+  per_token = 6 * matmul + 6 * L * T * 64 * 128
+  assert p['flops_per_token'] == per_token
+  assert p['params'] == 33_743_970_304
+  assert p['steps_for_tokens'] == math.ceil(500e9 / (4096 * 8192)) == 14_902
+  six_weeks = 42 * 86400
+  mfu_needed = 500e9 * per_token / (128 * 312e12 * six_weeks)
+  assert p['target']['mfu'] == pytest.approx(mfu_needed)
+  assert 0.75 < mfu_needed < 0.77
+  assert p['target']['device_hours'] == 128 * 42 * 24 == 129_024
+  assert p['claim']['gpu_hours'] == 1.2e6
+  assert not p['fits'] and p['headroom_gib'] < 0  # GPipe over 64-row micro-batches.
+  assert p['suggestions'] and all(s['memory_gib'] <= 72 for s in p['suggestions'])
+
+  for figure in (
+    '33,743,970,304',
+    '14,902 steps',
+    '76.0% MFU',
+    '129,024 GPU-hours: the claim does NOT match',
+    '1,200,000 GPU-hours',
+    'DOES NOT FIT',
+  ):
+    assert figure in text, figure
+
+
+def test_time_follows_the_stated_mfu():
+  c = default.get_config()
+  p = plan.plan(c, 1, plan.DEVICE_TYPES['h100-80gb'], mfu=0.5, search=0)
+  tokens_per_step = c.train.global_batch_size * c.train.seq_len
+  step = p['flops_per_token'] * tokens_per_step / (989e12 * 0.5)
+  assert p['at_mfu']['step_seconds'] == pytest.approx(step)
+  assert p['at_mfu']['days'] == pytest.approx(step * c.train.steps / 86400)
+  assert p['fits'] and 'suggestions' not in p
+
+
+def test_a_config_that_does_not_fit_is_reported_with_layouts_that_do():
+  c = default.get_config()
+  c.model.d_model, c.model.mlp_dim, c.model.num_layers = 2048, 5632, 24
+  c.train.global_batch_size, c.train.seq_len, c.model.remat = 64, 1024, 'none'
+  p = plan.plan(c, 1, plan.DEVICE_TYPES['a100-40gb'], mfu=0.4)
+  assert not p['fits'] and p['memory_gib']['total'] > 36
+  for s in p['suggestions']:
+    assert s['memory_gib'] <= 36
+  # The whole batch at once without remat is what does not fit: every fitting
+  # layout splits it into micro-batches or recomputes, most often both.
+  assert p['suggestions']
+  for s in p['suggestions']:
+    assert (
+      '--config.train.microbatches=1 ' not in s['overrides'] or 'remat=none' not in s['overrides']
+    )
+  assert p['suggestions'][0]['mfu_ceiling'] >= p['suggestions'][-1]['mfu_ceiling']
+
+
+def test_cli_json_parses_and_xla_cross_check_runs_in_its_own_process():
+  out = _plan_cli(
+    '--config=configs/default.py',
+    '--config.mesh.data=2',
+    '--config.mesh.tensor=2',
+    '--config.model.remat=full',
+    '--config.model.dtype=bfloat16',
+    '--json',
+    '--xla',
+  )
+  p = json.loads(out)
+  assert p['devices'] == 4
+  assert p['memory_gib']['total'] * 2**30 == pytest.approx(p['xla']['total'], rel=0.15)
+
+
+def test_unknown_device_type_is_a_config_error():
+  with pytest.raises(config_lib.ConfigError, match='plan.device_type'):
+    plan.device_type('tpu-v9')
