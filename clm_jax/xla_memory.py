@@ -41,7 +41,9 @@ def measure(c, devices=None) -> dict:
   setup = train.setup(c, mesh)
   state = jax.eval_shape(setup.init_state, jax.random.key(0))
   rows = sharding.batch_sharding(mesh)
-  keys = ['tokens', 'segment_ids', 'positions'] + (['loss_mask'] if c.data.source == 'instruct' else [])
+  keys = ['tokens', 'segment_ids', 'positions'] + (
+    ['loss_mask'] if c.data.source == 'instruct' else []
+  )
   shape = (c.train.global_batch_size, c.train.seq_len)
   batch = {key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows) for key in keys}
   start = time.perf_counter()
