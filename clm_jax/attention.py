@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
 
+from clm_jax import config as config_lib
+
 
 def document_mask(segment_ids_BT: jax.Array) -> jax.Array:
   """[B, 1, T, S] True where query and key are in the same packed document.
@@ -71,7 +73,7 @@ def segment_layout(segment_ids_BT: jax.Array, max_segments: int) -> tuple[jax.Ar
 
 
 def check_segments(segment_ids: np.ndarray, max_segments: int) -> None:
-  """Raises ValueError if a row has more runs than the cuDNN layout has room for.
+  """Raises ConfigError if a row has more runs than the cuDNN layout has room for.
 
   A host-side check of a batch before it is sent: the runs past the M-th
   would get no attention output at all, so such a batch must never train.
@@ -87,7 +89,7 @@ def check_segments(segment_ids: np.ndarray, max_segments: int) -> None:
   runs = 1 + np.count_nonzero(ids[:, 1:] != ids[:, :-1], axis=1)
   row = int(runs.argmax())
   if runs[row] > max_segments:
-    raise ValueError(
+    raise config_lib.ConfigError(
       f'row {row} of the batch packs {runs[row]} documents (runs of segment ids, padding '
       f"included) but model.max_segments={max_segments}, the most model.attention='cudnn' "
       f'is compiled for; raise model.max_segments to at least {runs[row]}.'

@@ -357,6 +357,7 @@ def _gpu():
 
 @pytest.mark.skipif(not _gpu(), reason='cuDNN attention needs a GPU')
 def test_cudnn_equals_xla_on_gpu():
+  """Run with JAX_PLATFORMS=cuda,cpu: tests/conftest.py defaults to CPU."""
   rng = np.random.default_rng(4)
   P, B, T, N, K, H, M = 1, 2, 512, 8, 2, 128, 8
   ids = _rows(rng, P * B, T, max_docs=M - 1).reshape(P, B, T)
