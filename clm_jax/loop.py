@@ -20,6 +20,7 @@ from clm_jax import flops
 from clm_jax import generate
 from clm_jax import mbpp
 from clm_jax import metrics as metrics_lib
+from clm_jax import plan
 from clm_jax import preemption
 from clm_jax import sharding
 from clm_jax import tokenizer as tokenizer_lib
@@ -103,6 +104,29 @@ def code_eval(s: train.Setup, state, tok, c_train, out_dir) -> dict:
   return out
 
 
+def _log_memory_estimate(c) -> None:
+  """The planner's bytes per device, and a warning where they exceed the device's pool."""
+  mem = plan.memory(c, plan.layout_of(c, jax.device_count()))
+  gib = 2**30
+  logging.info(
+    'memory per device, estimated (see `launch plan`): %.2f GiB = params %.2f + optimizer '
+    '%.2f + gradients %.2f + activations %.2f + working set %.2f',
+    mem.total / gib,
+    mem.params / gib,
+    mem.optimizer / gib,
+    mem.gradients / gib,
+    mem.saved_activations / gib,
+    mem.working_set / gib,
+  )
+  limit = (jax.local_devices()[0].memory_stats() or {}).get('bytes_limit')
+  if limit and mem.total > limit:
+    logging.warning(
+      'the estimate exceeds the %.1f GiB this device gives XLA: expect out-of-memory; '
+      '`python -m launch plan` lists layouts that fit',
+      limit / gib,
+    )
+
+
 def run(c, workdir: str | pathlib.Path) -> dict:
   """Trains `c` into `workdir` (resuming from its latest checkpoint) and returns final metrics."""
   config_lib.validate(c, jax.device_count())
@@ -149,6 +173,8 @@ def run(c, workdir: str | pathlib.Path) -> dict:
     c.train.microbatches,
     100 * ps.bubble,
   )
+
+  _log_memory_estimate(c)
 
   ckpt = checkpoint.Checkpointer(workdir, c.checkpoint)
   writer = metrics_lib.Writer(workdir, total_steps=c.train.steps, enabled=is_main)
