@@ -48,11 +48,11 @@ class DeviceType:
 DEVICE_TYPES = {
   d.name: d
   for d in (
-    DeviceType('a100-40gb', 312.0, 40.0),
-    DeviceType('a100-80gb', 312.0, 80.0),
-    DeviceType('h100-80gb', 989.0, 80.0),
-    DeviceType('h200-141gb', 989.0, 141.0),
-    DeviceType('b200-180gb', 2250.0, 180.0),
+    DeviceType('a100-40gb', flops.PEAK_TFLOPS['a100'], 40.0),
+    DeviceType('a100-80gb', flops.PEAK_TFLOPS['a100'], 80.0),
+    DeviceType('h100-80gb', flops.PEAK_TFLOPS['h100'], 80.0),
+    DeviceType('h200-141gb', flops.PEAK_TFLOPS['h200'], 141.0),
+    DeviceType('b200-180gb', flops.PEAK_TFLOPS['b200'], 180.0),
   )
 }
 
@@ -93,10 +93,6 @@ class Layout:
   remat: str
   attention: str
   fsdp: bool
-
-  @property
-  def devices(self) -> int:
-    return self.data * self.tensor * self.pipeline
 
   @property
   def schedule(self) -> pipeline.Schedule:
