@@ -35,10 +35,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from clm_jax import layers
 from clm_jax import loss as loss_lib
 from clm_jax import model as model_lib
 from clm_jax import sharding
+
+# What a pipeline iteration keeps of its stage for backward, by model.remat.
+_STAGE_POLICIES = {
+  'full': jax.checkpoint_policies.nothing_saveable,
+  'save_dots': jax.checkpoint_policies.save_only_these_names(*layers.PROJECTIONS),
+  'none': jax.checkpoint_policies.save_anything_except_these_names('stage_weights'),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,18 +147,21 @@ def loss_sum(params, graphdef, batch_KBT, schedule: Schedule, loss_chunk_len: in
   chunk = loss_chunk_len or T
 
   def stage(w_RC, repeat, x_BTD, segment_ids_BT, positions_BT):
-    # The chunk is picked inside the (checkpointed) stage: picked outside, its
-    # copy would be a new residual of every iteration, the stage's weights
-    # held I times over. With one repeat the pick is static.
-    w_C = jax.tree.map(lambda w: w[0] if R == 1 else w[repeat], w_RC)
+    # The chunk is picked inside the checkpointed stage and never saved:
+    # saved, the pick would be a residual of every iteration, the stage's
+    # weights held I times over. With one repeat the pick is static.
+    w_C = jax.tree.map(
+      lambda w: checkpoint_name(w[0] if R == 1 else w[repeat], 'stage_weights'), w_RC
+    )
     return model_lib.run_blocks(
       blocks_graphdef, w_C, x_BTD, segment_ids_BT, positions_BT, cfg.remat
     )
 
-  if cfg.remat == 'full' and schedule.iterations > 1:
-    # Across iterations keep only each stage's input; the layers inside
-    # keep theirs only while that stage's backward runs.
-    stage = jax.checkpoint(stage, policy=jax.checkpoint_policies.nothing_saveable)
+  if schedule.iterations > 1:
+    # Across iterations keep what the remat policy keeps of the stage (with
+    # 'full' only its input; the layers inside keep theirs only while that
+    # stage's backward runs), never its picked weights.
+    stage = jax.checkpoint(stage, policy=_STAGE_POLICIES[cfg.remat])
   stages = jax.vmap(stage, spmd_axis_name=sharding.stage_mesh_axis())
   embed = jax.vmap(model.embed_tokens, spmd_axis_name=sharding.stage_mesh_axis())
 

@@ -42,9 +42,11 @@ def _small(**overrides):
 
 # Small configs on meshes up to 8 devices: one device, long rows (attention-
 # dominated), data x tensor, a 2 x 2 x 2 pipeline, a 4-stage pipeline with
-# fewer micro-batches in flight than per step, a circular schedule, FSDP,
-# the projections saved, and no remat (float32: XLA:CPU computes bfloat16
-# elementwise ops in float32 and keeps those copies, which GPUs do not).
+# fewer micro-batches in flight than per step, a circular schedule, FSDP, the
+# projections saved (alone and under a circular schedule), and no remat.
+# Where saved activations dominate the cases run in float32: XLA:CPU keeps
+# bfloat16 activations as float32 (it holds the same bytes for both), which
+# GPUs do not, and the estimate counts what a GPU holds.
 CASES = {
   'one_device': {},
   'long_rows': dict(train__seq_len=1024, train__global_batch_size=4),
@@ -56,6 +58,13 @@ CASES = {
   'circular': dict(mesh__pipeline=2, mesh__virtual_stages=2, train__microbatches=4),
   'fsdp': dict(mesh__data=8, mesh__fsdp=True),
   'save_dots': dict(model__remat='save_dots', mesh__tensor=2),
+  'save_dots_circular_fp32': dict(
+    model__remat='save_dots',
+    model__dtype='float32',
+    mesh__pipeline=2,
+    mesh__virtual_stages=2,
+    train__microbatches=4,
+  ),
   'no_remat_fp32': dict(model__remat='none', model__dtype='float32'),
 }
 
