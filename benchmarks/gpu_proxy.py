@@ -27,7 +27,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app
 from absl import flags
@@ -37,7 +36,7 @@ from clm_jax import config as config_lib
 from clm_jax import flops
 from clm_jax import gpu_env
 from clm_jax import sharding
-from clm_jax import train
+from clm_jax import xla_memory
 from configs import codellama_34b
 
 _LAYERS = flags.DEFINE_string(
@@ -111,36 +110,11 @@ def synthetic_batch(rng, batch: int, seq_len: int, docs: int, vocab: int) -> dic
   return {'tokens': tokens.astype(np.int32), 'segment_ids': segment_ids, 'positions': positions}
 
 
-def memory(compiled) -> dict:
-  """XLA's memory analysis of a compiled step, in bytes."""
-  m = compiled.memory_analysis()
-  out = {
-    f'{k}_bytes': int(getattr(m, f'{k}_size_in_bytes'))
-    for k in ('argument', 'output', 'alias', 'temp', 'generated_code')
-  }
-  # Donated state is aliased to the new state: only the rest of the output is extra.
-  out['total_bytes'] = (
-    out['argument_bytes'] + out['output_bytes'] - out['alias_bytes'] + out['temp_bytes']
-  )
-  return out
-
-
 def compile_step(num_layers: int, attention: str, device):
   """(setup, compiled train step, seconds to compile) on abstract state and batch."""
   c = make_config(num_layers, attention)
   config_lib.validate(c, 1)
-  mesh = sharding.make_mesh(c.mesh, devices=[device])
-  s = train.setup(c, mesh)
-  state = jax.eval_shape(s.init_state, jax.random.key(0))
-  shape = (c.train.global_batch_size, c.train.seq_len)
-  batch = {
-    k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(mesh))
-    for k in ('tokens', 'segment_ids', 'positions')
-  }
-  t = time.perf_counter()
-  with jax.set_mesh(mesh):
-    compiled = s.train_step.lower(state, batch).compile()
-  return s, compiled, time.perf_counter() - t
+  return xla_memory.compile_step(c, sharding.make_mesh(c.mesh, devices=[device]))
 
 
 def choose_layers(budget: int, max_layers: int, attention: str, device):
@@ -154,7 +128,7 @@ def choose_layers(budget: int, max_layers: int, attention: str, device):
   def total(n):
     if n not in built:
       built[n] = compile_step(n, attention, device)
-      totals[n] = memory(built[n][1])['total_bytes']
+      totals[n] = xla_memory.figures(built[n][1])['total']
     return totals[n]
 
   if total(1) > budget:
@@ -253,7 +227,7 @@ def main(argv):
     'mfu': achieved / peak if peak else None,
     'final_loss': float(metrics['loss']),
     'memory': {
-      **memory(compiled),
+      **xla_memory.figures(compiled),
       'device_bytes_limit': stats.get('bytes_limit'),
       'device_peak_bytes_in_use': stats.get('peak_bytes_in_use'),
     },
@@ -261,7 +235,7 @@ def main(argv):
   if _JSON.value:
     print(json.dumps(result))
   else:
-    gb = result['memory']['total_bytes'] / 1e9
+    gb = result['memory']['total'] / 1e9
     mfu = f'{result["mfu"]:.3f}' if peak else 'n/a (unknown peak: pass --peak_tflops)'
     print(f'device: {device.device_kind}; attention {attention}, remat {c.model.remat}')
     print(f'layers: {layers} ({s.param_count:,} parameters), XLA memory {gb:.2f} GB')

@@ -23,6 +23,7 @@ from clm_jax import flops
 from clm_jax import sharding
 from clm_jax import tokenizer as tokenizer_lib
 from clm_jax import train
+from clm_jax import xla_memory
 from clm_jax.data import pipeline
 
 config_flags.DEFINE_config_file('config', 'configs/bench_tiny.py', 'Config to benchmark.')
@@ -52,18 +53,7 @@ def compile_seconds(c, num_layers: int) -> float:
   """Lowers and compiles the train step on abstract arrays only."""
   c = c.copy_and_resolve_references()
   c.model.num_layers = num_layers
-  mesh = sharding.make_mesh(c.mesh)
-  s = train.setup(c, mesh)
-  state = jax.eval_shape(s.init_state, jax.random.key(0))
-  shape = (c.train.global_batch_size, c.train.seq_len)
-  batch = {
-    k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(mesh))
-    for k in ('tokens', 'segment_ids', 'positions')
-  }
-  t = time.perf_counter()
-  with jax.set_mesh(mesh):
-    s.train_step.lower(state, batch).compile()
-  return time.perf_counter() - t
+  return xla_memory.compile_step(c, sharding.make_mesh(c.mesh))[2]
 
 
 def main(argv):

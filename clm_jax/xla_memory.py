@@ -28,16 +28,13 @@ from clm_jax import train
 from configs import base
 
 
-def measure(c, devices=None) -> dict:
-  """Per-device bytes of the compiled train step of config `c` on `devices` (default all).
+def compile_step(c, mesh: jax.sharding.Mesh):
+  """The train step of config `c` on `mesh`, compiled on abstract state and batch.
 
   Returns:
-    {'arguments', 'outputs', 'aliased', 'temporaries', 'total', 'compile_seconds'}:
-    the total is arguments + outputs - aliased (the donated state) + temporaries.
+    (setup, compiled, seconds): train.setup's result, the compiled step and
+    how long lowering and compiling took.
   """
-  devices = jax.devices() if devices is None else devices
-  config_lib.validate(c, len(devices))
-  mesh = sharding.make_mesh(c.mesh, devices)
   setup = train.setup(c, mesh)
   state = jax.eval_shape(setup.init_state, jax.random.key(0))
   rows = sharding.batch_sharding(mesh)
@@ -49,7 +46,16 @@ def measure(c, devices=None) -> dict:
   start = time.perf_counter()
   with jax.set_mesh(mesh):
     compiled = setup.train_step.lower(state, batch).compile()
-  seconds = time.perf_counter() - start
+  return setup, compiled, time.perf_counter() - start
+
+
+def figures(compiled) -> dict:
+  """XLA's memory analysis of a compiled step, in bytes per device.
+
+  Returns:
+    {'arguments', 'outputs', 'aliased', 'temporaries', 'total'}: the total is
+    arguments + outputs - aliased (the donated state) + temporaries.
+  """
   m = compiled.memory_analysis()
   out = {
     'arguments': m.argument_size_in_bytes,
@@ -58,8 +64,15 @@ def measure(c, devices=None) -> dict:
     'temporaries': m.temp_size_in_bytes,
   }
   out['total'] = out['arguments'] + out['outputs'] - out['aliased'] + out['temporaries']
-  out['compile_seconds'] = round(seconds, 1)
   return out
+
+
+def measure(c, devices=None) -> dict:
+  """`figures` of config `c`'s train step on `devices` (default all), and its compile seconds."""
+  devices = jax.devices() if devices is None else devices
+  config_lib.validate(c, len(devices))
+  _, compiled, seconds = compile_step(c, sharding.make_mesh(c.mesh, devices))
+  return {**figures(compiled), 'compile_seconds': round(seconds, 1)}
 
 
 def measure_in_subprocess(c, num_devices: int, timeout: float = 3600) -> dict:

@@ -72,24 +72,22 @@ def test_mfu_and_throughput_follow_from_the_step_times(two_layers):
   per_layer = D * H * (2 * N + 2 * K) + 3 * D * F + 2 * D
   assert r['param_count'] == 2 * V * D + D + L * per_layer
   mem = r['memory']
-  assert mem['total_bytes'] == (
-    mem['argument_bytes'] + mem['output_bytes'] - mem['alias_bytes'] + mem['temp_bytes']
-  )
+  assert mem['total'] == (mem['arguments'] + mem['outputs'] - mem['aliased'] + mem['temporaries'])
   # fp32 params and two Adam moments are arguments, donated and aliased.
-  assert mem['alias_bytes'] >= 3 * 4 * r['param_count']
+  assert mem['aliased'] >= 3 * 4 * r['param_count']
   assert 0 < r['final_loss'] < 10
 
 
 def test_auto_layers_follow_the_memory_budget(proxy, two_layers):
-  need_two = two_layers['memory']['total_bytes']
+  need_two = two_layers['memory']['total']
   # One byte short of two layers' step: one layer.
   small = proxy(layers='auto', batch=2, microbatches=2, memory_gb=(need_two - 1) / 1e9)
   auto = small['layers_auto']
   assert small['layers'] == 1
   assert auto['total_bytes']['2'] == need_two > auto['budget_bytes'] >= auto['total_bytes']['1']
-  assert small['memory']['total_bytes'] == auto['total_bytes']['1']
+  assert small['memory']['total'] == auto['total_bytes']['1']
   # Plenty: the ceiling, reached through the linear fit and checked by compiling it.
   large = proxy(layers='auto', batch=2, microbatches=2, memory_gb=100, max_layers=3)
   assert large['layers'] == 3
   assert set(large['layers_auto']['total_bytes']) == {'1', '2', '3'}
-  assert large['memory']['total_bytes'] == large['layers_auto']['total_bytes']['3'] <= 100e9
+  assert large['memory']['total'] == large['layers_auto']['total_bytes']['3'] <= 100e9
