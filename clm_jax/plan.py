@@ -257,7 +257,10 @@ def candidates(c, devices: int, device: DeviceType) -> list[tuple[Layout, Memory
   cfg = config_lib.ModelConfig.from_config(c.model)
   base = layout_of(c, devices)
   B = c.train.global_batch_size
-  kernels = ['xla'] + (['cudnn'] if device.name.split('-')[0] in ('h100', 'h200', 'b200') else [])
+  # cuDNN's packed flash attention needs Hopper or later and 16-bit compute (config.validate).
+  hopper = device.name.split('-')[0] in ('h100', 'h200', 'b200')
+  half = cfg.dtype in ('bfloat16', 'float16') and cfg.max_segments <= c.train.seq_len
+  kernels = ['xla'] + (['cudnn'] if hopper and half else [])
   found = []
   chunks = cfg.num_layers // base.pipeline
   repeats = [1] if base.pipeline == 1 else [r for r in _divisors(chunks) if r <= 8]

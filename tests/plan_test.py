@@ -168,6 +168,22 @@ def test_cli_json_parses_and_xla_cross_check_runs_in_its_own_process():
   assert p['memory_gib']['total'] * 2**30 == pytest.approx(p['xla']['total'], rel=0.15)
 
 
+def test_suggestions_are_valid_configs():
+  c = default.get_config()  # float32 compute: cuDNN attention would be refused.
+  for dtype, cudnn_allowed in (('float32', False), ('bfloat16', True)):
+    c.model.dtype = dtype
+    p = plan.plan(c, 1, plan.DEVICE_TYPES['h100-80gb'], mfu=0.4, search=100)
+    kernels = {s['overrides'].split('attention=')[1] for s in p['suggestions']}
+    assert kernels == ({'xla', 'cudnn'} if cudnn_allowed else {'xla'})
+    for s in p['suggestions']:
+      suggested = c.copy_and_resolve_references()
+      for flag in s['overrides'].split():
+        key, value = flag.removeprefix('--config.').split('=')
+        section, name = key.split('.')
+        suggested[section][name] = type(suggested[section][name])(value)
+      config_lib.validate(suggested, 1)
+
+
 def test_unknown_device_type_is_a_config_error():
   with pytest.raises(config_lib.ConfigError, match='plan.device_type'):
     plan.device_type('tpu-v9')
