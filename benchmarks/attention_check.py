@@ -2,7 +2,7 @@
 
 Builds packed rows (T 8192, 64 query / 8 kv heads of 128, bf16; a few
 documents per row and a padding tail on the last row), runs
-`clm_jax.attention.attend` with 'xla' and 'cudnn' under jit, and prints the
+`clm_jax.model.attention.attend` with 'xla' and 'cudnn' under jit, and prints the
 largest absolute and relative (to the largest XLA value) differences of the
 output and of the gradients of q, k and v, then the median time of each
 implementation's forward and forward + backward. The cuDNN path also runs
@@ -25,7 +25,7 @@ import numpy as np
 from absl import app
 from absl import flags
 
-from clm_jax import attention
+from clm_jax.model import attention
 
 _BATCH = flags.DEFINE_integer('batch', 1, 'Rows.')
 _SEQ_LEN = flags.DEFINE_integer('seq_len', 8192, 'Tokens per row (T).')

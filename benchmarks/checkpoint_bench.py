@@ -23,17 +23,17 @@ import jax
 from absl import app
 from absl import flags
 
-from clm_jax import checkpoint
-from clm_jax import sharding
-from clm_jax import train
-from configs import base
+from clm_jax.ckpt import checkpoint
+from clm_jax.config import schema
+from clm_jax.parallel import sharding
+from clm_jax.train import step as step_lib
 
 _DIR = flags.DEFINE_string('dir', None, 'Where to write; default the system temp dir.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Saves and restores timed; medians shown.')
 
 
 def _config():
-  c = base.get_config()
+  c = schema.get_config()
   c.model.update(
     vocab_size=32000,
     d_model=768,
@@ -71,7 +71,7 @@ def main(argv):
   del argv
   c = _config()
   mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
-  s = train.setup(c, mesh)
+  s = step_lib.setup(c, mesh)
   with tempfile.TemporaryDirectory(dir=_DIR.value) as tmp, jax.set_mesh(mesh):
     state = s.init_state(jax.random.key(0))
     jax.block_until_ready(state)

@@ -20,8 +20,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from clm_jax import config as config_lib
-from clm_jax import hf
-from clm_jax import model as model_lib
+from clm_jax.ckpt import hf
+from clm_jax.model import decoder as model_lib
 
 config_flags.DEFINE_config_file('config', 'configs/bench_tiny.py', 'Config whose model to convert.')
 _DTYPE = flags.DEFINE_string('dtype', 'bfloat16', 'Dtype of the written tensors.')

@@ -22,10 +22,10 @@ import time
 from absl import app
 from absl import flags
 
-from clm_jax import tokenizer as tokenizer_lib
-from clm_jax.data import pipeline
+from clm_jax.data import loader
 from clm_jax.data import prepare
 from clm_jax.data import sources
+from clm_jax.data import tokenizer as tokenizer_lib
 from configs import default
 
 _WORKERS = flags.DEFINE_integer('workers', 2, 'Processes for prepare and on-the-fly streaming.')
@@ -36,7 +36,7 @@ _BATCH = flags.DEFINE_integer('batch', 8, 'Rows per batch.')
 
 
 def _tokens_per_second(c_data, tok) -> float:
-  ds = pipeline.make_dataset(
+  ds = loader.make_dataset(
     c_data, tok, seq_len=_SEQ_LEN.value, batch_size=_BATCH.value, split='train', seed=0
   )
   it = iter(ds)

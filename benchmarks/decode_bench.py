@@ -1,4 +1,4 @@
-"""Decode throughput of clm_jax.generate on configs/bench_tiny.py's model (random init).
+"""Decode throughput of clm_jax.inference.generate on configs/bench_tiny.py's model (random init).
 
 For each batch size, times generate() with `--new_tokens` greedy tokens and
 with one (the prefill and a first sample), median of `--repeats` runs each
@@ -18,8 +18,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from clm_jax import config as config_lib
-from clm_jax import generate
-from clm_jax import model as model_lib
+from clm_jax.inference import generate
+from clm_jax.model import decoder as model_lib
 
 config_flags.DEFINE_config_file('config', 'configs/bench_tiny.py', 'Config whose model to time.')
 _BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['1', '8'], 'Rows per generate() call.')

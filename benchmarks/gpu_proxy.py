@@ -6,8 +6,8 @@ state, but every layer is the same: this runs `clm_jax.train`'s jitted step
 vocab 32000, 8192-token rows, bf16 compute, full remat) with as many layers as
 fit, on synthetic packed rows (a few documents each, a padding tail on the
 last row), and reports model FLOPs utilisation: Megatron-LM's count of
-`clm_jax.flops.train_flops_per_token` (causal attention counted once) over the
-device's dense bf16 peak (`clm_jax.flops.peak_tflops`; 989 TFLOP/s for H100).
+`clm_jax.model.flops.train_flops_per_token` (causal attention counted once) over the
+device's dense bf16 peak (`clm_jax.model.flops.peak_tflops`; 989 TFLOP/s for H100).
 
 --layers=auto compiles the step on abstract inputs at 1 and 2 layers, fits
 memory = a + b * layers to XLA's memory analysis (arguments + outputs not
@@ -31,12 +31,12 @@ import numpy as np
 from absl import app
 from absl import flags
 
-from clm_jax import attention as attention_lib
 from clm_jax import config as config_lib
-from clm_jax import flops
-from clm_jax import gpu_env
-from clm_jax import sharding
-from clm_jax import xla_memory
+from clm_jax.model import attention as attention_lib
+from clm_jax.model import flops
+from clm_jax.parallel import gpu_env
+from clm_jax.parallel import sharding
+from clm_jax.plan import xla_memory
 from configs import codellama_34b
 
 _LAYERS = flags.DEFINE_string(
@@ -57,7 +57,7 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps first.')
 _PEAK = flags.DEFINE_float('peak_tflops', 0.0, 'Device bf16 peak; 0 = look up the device kind.')
 _GPU_DEFAULTS = flags.DEFINE_bool(
-  'gpu_defaults', True, "On GPUs, training's XLA defaults (clm_jax/gpu_env.py)."
+  'gpu_defaults', True, "On GPUs, training's XLA defaults (clm_jax/parallel/gpu_env.py)."
 )
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of lines.')
 _D_MODEL = flags.DEFINE_integer('d_model', 8192, 'model.d_model.')

@@ -24,8 +24,8 @@ def _child(args):
   import numpy as np
   from jax.experimental import multihost_utils
 
-  from clm_jax import distributed
-  from clm_jax import preemption
+  from clm_jax.parallel import distributed
+  from clm_jax.train import preemption
 
   layout = distributed.resolve(args.coordinator, args.processes, args.process_id, environ={})
   distributed.initialize(layout, heartbeat_timeout=30, init_timeout=60)
@@ -71,7 +71,7 @@ def main():
   args = parser.parse_args()
   if args.process_id is not None:
     return _child(args)
-  from clm_jax import spawn
+  from clm_jax.cluster import spawn
 
   address = f'127.0.0.1:{spawn.free_port()}'
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}

@@ -25,17 +25,17 @@ import numpy as np  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
-from clm_jax import pipeline  # noqa: E402
-from clm_jax import sharding  # noqa: E402
-from clm_jax import train  # noqa: E402
-from configs import base  # noqa: E402
+from clm_jax.config import schema  # noqa: E402
+from clm_jax.parallel import sharding  # noqa: E402
+from clm_jax.train import pipeline  # noqa: E402
+from clm_jax.train import step as step_lib  # noqa: E402
 
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per layout (after one warm-up).')
 LAYOUTS = [(8, 1, 1, 1), (2, 1, 4, 1), (2, 1, 4, 2), (1, 1, 8, 1), (2, 2, 2, 2)]
 
 
 def _config():
-  c = base.get_config()
+  c = schema.get_config()
   c.model.update(
     vocab_size=4096,
     d_model=256,
@@ -55,7 +55,7 @@ def _step_time(data, tensor, stages, virtual):
   c = _config()
   c.mesh.update(data=data, tensor=tensor, pipeline=stages, virtual_stages=virtual)
   mesh = sharding.make_mesh(c.mesh)
-  s = train.setup(c, mesh)
+  s = step_lib.setup(c, mesh)
   rng = np.random.default_rng(0)
   B, T = c.train.global_batch_size, c.train.seq_len
   batch = {

@@ -19,12 +19,12 @@ from absl import flags
 from ml_collections import config_flags
 
 from clm_jax import config as config_lib
-from clm_jax import flops
-from clm_jax import sharding
-from clm_jax import tokenizer as tokenizer_lib
-from clm_jax import train
-from clm_jax import xla_memory
-from clm_jax.data import pipeline
+from clm_jax.data import loader
+from clm_jax.data import tokenizer as tokenizer_lib
+from clm_jax.model import flops
+from clm_jax.parallel import sharding
+from clm_jax.plan import xla_memory
+from clm_jax.train import step as step_lib
 
 config_flags.DEFINE_config_file('config', 'configs/bench_tiny.py', 'Config to benchmark.')
 _STEPS = flags.DEFINE_integer('steps', 8, 'Timed steps (after 2 warm-up steps).')
@@ -61,10 +61,10 @@ def main(argv):
   c = flags.FLAGS.config
   config_lib.validate(c, jax.device_count())
   mesh = sharding.make_mesh(c.mesh)
-  s = train.setup(c, mesh)
+  s = step_lib.setup(c, mesh)
   tok = tokenizer_lib.for_corpus(c.data, c.model.vocab_size)
   it = iter(
-    pipeline.make_dataset(
+    loader.make_dataset(
       c.data,
       tok,
       seq_len=c.train.seq_len,

@@ -1,10 +1,10 @@
 """The benchmark model of benchmarks/train_bench.py: small, but with the real vocabulary."""
 
-from configs import base
+from clm_jax.config import schema
 
 
 def get_config():
-  c = base.get_config()
+  c = schema.get_config()
   c.model.vocab_size = 32000
   c.model.d_model = 512
   c.model.num_layers = 4

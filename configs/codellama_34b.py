@@ -5,7 +5,7 @@
 per step): 500B tokens is 14,902 steps, on 128 A100s. The optimizer and
 schedule (AdamW 0.9 / 0.95 / 1e-6, weight decay 0.1, clip 1.0, 2,000 warmup
 steps to 3e-4, cosine to 10%), vocab 32000, RMSNorm eps 1e-5, fp32 master
-weights, bf16 compute and full remat are base.py's values, which are the
+weights, bf16 compute and full remat are schema.py's values, which are the
 original run's.
 
 The mesh is the original's: data 4 x tensor 8 x pipeline 4 (tensor within a
@@ -24,11 +24,11 @@ shares are this config's assumption. CodeLlama-34B was trained without
 infilling, so fim_rate is 0.
 """
 
-from configs import base
+from clm_jax.config import schema
 
 
 def get_config():
-  c = base.get_config()
+  c = schema.get_config()
   c.model.d_model = 8192
   c.model.num_layers = 48
   c.model.num_heads = 64

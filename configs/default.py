@@ -3,11 +3,11 @@
 Trains in a few minutes on a 2-core CPU; `python -m launch train` runs it.
 """
 
-from configs import base
+from clm_jax.config import schema
 
 
 def get_config():
-  c = base.get_config()
+  c = schema.get_config()
   c.model.vocab_size = 4096
   c.model.d_model = 256
   c.model.num_layers = 4

@@ -73,13 +73,13 @@ def main(argv):
     raise app.UsageError('--spawn runs `train` only.')
   logging.get_absl_handler().addFilter(common.QuietLibraries())
   # Imported here so that `--help` and usage errors need no JAX start-up.
-  from clm_jax import checkpoint
   from clm_jax import config as config_lib
-  from clm_jax import distributed
-  from clm_jax import hf
-  from clm_jax import mbpp
-  from clm_jax import sweep
+  from clm_jax.ckpt import checkpoint
+  from clm_jax.ckpt import hf
+  from clm_jax.cluster import sweep
   from clm_jax.data import records
+  from clm_jax.eval import mbpp
+  from clm_jax.parallel import distributed
 
   try:
     _RUN[command]()

@@ -36,7 +36,7 @@ def _allocation() -> dict:
 
 
 def _write(default_path: str, text: str, what: str) -> None:
-  from clm_jax import slurm
+  from clm_jax.cluster import slurm
 
   path = slurm.write_sbatch(common.OUTPUT.value or default_path, text)
   # Slurm opens the job's log before the script runs: the directory must exist.
@@ -46,7 +46,7 @@ def _write(default_path: str, text: str, what: str) -> None:
 
 
 def slurm():
-  from clm_jax import slurm as slurm_lib
+  from clm_jax.cluster import slurm as slurm_lib
 
   args = list(sys.argv[1:])
   args.remove('slurm')
@@ -61,8 +61,8 @@ def slurm():
 
 
 def sweep():
-  from clm_jax import sweep as sweep_lib
-  from clm_jax import sweep_run
+  from clm_jax.cluster import sweep as sweep_lib
+  from clm_jax.cluster import sweep_run
 
   common.need('sweep_file')
   path = _SWEEP_FILE.value

@@ -16,8 +16,8 @@ CHECKPOINT = flags.DEFINE_string(
 
 
 def convert():
-  from clm_jax import checkpoint
-  from clm_jax import hf
+  from clm_jax.ckpt import hf
+  from clm_jax.ckpt import params as params_lib
 
   output, workdir = common.OUTPUT.value, common.workdir()
   if _FROM_HF.value:
@@ -38,7 +38,7 @@ def convert():
   if not _TO_PARAMS.value:
     raise app.UsageError('convert: say what to convert (--to_params, --from_hf or --to_hf).')
   common.need('output')
-  out = checkpoint.to_params(workdir, output, dtype=_DTYPE.value, step=_STEP.value)
+  out = params_lib.to_params(workdir, output, dtype=_DTYPE.value, step=_STEP.value)
   print(
     f'Wrote the params of step {out["step"]} of {workdir} as {_DTYPE.value} to '
     f'{out["output"]} ({out["bytes"] / 2**20:.1f} MiB).',

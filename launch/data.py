@@ -36,7 +36,7 @@ def _read_options():
 
 
 def tokenizer_train():
-  from clm_jax import tokenizer
+  from clm_jax.data import tokenizer
 
   common.need('input', 'output')
   tokenizer.train_on_inputs(
@@ -50,8 +50,8 @@ def tokenizer_train():
 
 
 def data_prepare():
-  from clm_jax import tokenizer
   from clm_jax.data import prepare
+  from clm_jax.data import tokenizer
 
   common.need('input', 'output')
   tokenizer_path = _TOKENIZER.value

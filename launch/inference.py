@@ -52,7 +52,7 @@ def _sampling() -> dict:
 
 
 def generate():
-  from clm_jax import generate as generate_lib
+  from clm_jax.inference import generate as generate_lib
 
   common.need('prompt')
   model = _load()
@@ -64,7 +64,7 @@ def generate():
     print(_PROMPT.value + middle + _SUFFIX.value, flush=True)
     return
   if _CHAT.value:
-    from clm_jax import chat
+    from clm_jax.data import chat
 
     system = [{'role': 'system', 'content': _SYSTEM.value}] if _SYSTEM.value else []
     ids = chat.prompt_tokens([*system, {'role': 'user', 'content': _PROMPT.value}], tok)
@@ -82,7 +82,7 @@ def evaluate():
   out_dir = common.OUTPUT.value or pathlib.Path(convert.CHECKPOINT.value) / 'eval' / _TASK.value
   out_dir = pathlib.Path(out_dir)
   if _TASK.value == 'perplexity':
-    from clm_jax import perplexity
+    from clm_jax.eval import perplexity
 
     result = perplexity.heldout(model, flags.FLAGS.config)
   else:
@@ -95,42 +95,26 @@ def evaluate():
 
 def _code_eval(model, out_dir) -> dict:
   """HumanEval (zero-shot) or MBPP (3-shot): pass@k of sandboxed completions."""
-  from clm_jax import evaluate as evaluate_lib
-  from clm_jax import generate as generate_lib
-  from clm_jax import mbpp
-  from clm_jax import sandbox
+  from clm_jax.eval import sandbox
+  from clm_jax.eval import tasks
 
-  tok = model.tokenizer
   sampling = _sampling()
   if _SAMPLES.value > 1 and sampling['temperature'] == 0:
     # pass@k of k identical greedy samples says nothing; CodeLlama samples so.
     sampling.update(temperature=0.8, top_p=0.95)
     print('--samples > 1: sampling at --temperature=0.8 --top_p=0.95', flush=True)
-  del sampling['seed']  # make_complete gives every batch its own.
   logging.info('sandbox isolation: %s', sandbox.isolation())
-
-  def generate_fn(ids, seed):
-    return generate_lib.generate(
-      model.config,
-      model.params,
-      ids,
-      stop_ids=(tok.eos_id,),
-      pad_id=tok.pad_id,
-      seed=seed,
-      **sampling,
-    )
-
-  complete = evaluate_lib.make_complete(generate_fn, tok, seed=_SEED.value)
-  common_args = dict(samples=_SAMPLES.value, batch_size=_BATCH.value, out_dir=out_dir)
-  if _TASK.value == 'mbpp':
-    # The shipped file is checked against its published checksum; a given one is not.
-    data = dict(data_path=_DATA.value, sha256=None) if _DATA.value else dict(sha256=mbpp.SHA256)
-    ids = list(mbpp.SPLITS[_SPLIT.value])[: _PROBLEMS.value or None]
-    return mbpp.evaluate_mbpp(complete, split=_SPLIT.value, task_ids=ids, **data, **common_args)
-  problems = evaluate_lib.load_problems()
-  if _PROBLEMS.value:
-    problems = dict(list(problems.items())[: _PROBLEMS.value])
-  return evaluate_lib.evaluate_humaneval(complete, problems=problems, **common_args)
+  complete = tasks.make_complete(model.config, model.params, model.tokenizer, **sampling)
+  return tasks.evaluate(
+    _TASK.value,
+    complete,
+    problems=_PROBLEMS.value,
+    samples=_SAMPLES.value,
+    batch_size=_BATCH.value,
+    out_dir=out_dir,
+    split=_SPLIT.value,
+    data_path=_DATA.value,
+  )
 
 
 COMMANDS = {'generate': generate, 'eval': evaluate}

@@ -19,17 +19,17 @@ _SUGGEST = flags.DEFINE_integer('suggest', 5, 'plan: fitting layouts to list; 0 
 
 
 def run_plan():
-  from clm_jax import plan
-  from clm_jax import plan_report
-  from clm_jax import xla_memory
+  from clm_jax.plan import estimate
+  from clm_jax.plan import report as plan_report
+  from clm_jax.plan import xla_memory
 
   c = flags.FLAGS.config
   p = c.plan
   devices = _DEVICES.value or p.devices or _mesh_devices(c)
-  result = plan.plan(
+  result = estimate.plan(
     c,
     devices,
-    plan.device_type(_DEVICE_TYPE.value or p.device_type),
+    estimate.device_type(_DEVICE_TYPE.value or p.device_type),
     mfu=_MFU.value or p.mfu,
     tokens=_TOKENS.value or p.tokens,
     target_days=_TARGET_DAYS.value if _TARGET_DAYS.value is not None else p.target_days,

@@ -9,7 +9,7 @@ from absl import logging
 
 from launch import common
 
-# clm_jax/distributed.py says where the layout comes from.
+# clm_jax/parallel/distributed.py says where the layout comes from.
 _COORDINATOR = flags.DEFINE_string(
   'coordinator_address', None, 'HOST:PORT of process 0; else $JAX_COORDINATOR_ADDRESS or SLURM/MPI.'
 )
@@ -28,14 +28,14 @@ _SPAWN = flags.DEFINE_integer(
   'spawn', 0, 'Run this many processes on this machine, joined over 127.0.0.1.'
 )
 _GPU_DEFAULTS = flags.DEFINE_bool(
-  'gpu_defaults', True, 'On GPUs, set the XLA / NCCL defaults of clm_jax/gpu_env.py.'
+  'gpu_defaults', True, 'On GPUs, set the XLA / NCCL defaults of clm_jax/parallel/gpu_env.py.'
 )
 DISTRIBUTED_FLAGS = ('coordinator_address', 'num_processes', 'process_id', 'local_device_ids')
 
 
 def _split_gpus(processes: int) -> list[list[int]] | None:
   """This machine's GPUs in equal blocks, one per spawned process; None on CPU."""
-  from clm_jax import gpu_env
+  from clm_jax.parallel import gpu_env
 
   count = gpu_env.gpu_count()
   if not count:
@@ -47,14 +47,14 @@ def _split_gpus(processes: int) -> list[list[int]] | None:
 
 
 def train():
-  from clm_jax import gpu_env
+  from clm_jax.parallel import gpu_env
 
   if _GPU_DEFAULTS.value and gpu_env.gpu_present():
     # Before any JAX backend starts: XLA reads its flags once, at start-up.
     if changed := gpu_env.apply(os.environ):
       logging.info('GPU defaults: %s', ' '.join(f'{k}={v}' for k, v in changed.items()))
   if _SPAWN.value:
-    from clm_jax import spawn
+    from clm_jax.cluster import spawn
 
     sys.exit(
       spawn.run(
@@ -65,7 +65,7 @@ def train():
         devices_per_process=_split_gpus(_SPAWN.value),
       )
     )
-  from clm_jax import distributed
+  from clm_jax.parallel import distributed
 
   layout = distributed.resolve(
     _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICE_IDS.value
@@ -73,9 +73,15 @@ def train():
   distributed.initialize(
     layout, heartbeat_timeout=_HEARTBEAT.value, init_timeout=_INIT_TIMEOUT.value
   )
-  from clm_jax import loop
+  from clm_jax.eval import tasks
+  from clm_jax.plan import hooks as plan_hooks
+  from clm_jax.train import loop
 
-  loop.run(flags.FLAGS.config, common.workdir())
+  loop.run(
+    flags.FLAGS.config,
+    common.workdir(),
+    hooks=[plan_hooks.MemoryEstimate(), tasks.CodeEval()],
+  )
 
 
 COMMANDS = {'train': train}

@@ -14,10 +14,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from clm_jax import attention
 from clm_jax import config as config_lib
-from clm_jax import sharding
-from clm_jax import train
+from clm_jax.model import attention
+from clm_jax.parallel import sharding
+from clm_jax.train import step as step_lib
 
 MaskType = attention.cudnn_attention.MaskType
 
@@ -266,7 +266,7 @@ def test_train_step_traces_cudnn_through_the_pipeline(monkeypatch, tiny_config):
   c.train.update(microbatches=2)
   config_lib.validate(c, 8)
   mesh = sharding.make_mesh(c.mesh)
-  s = train.setup(c, mesh)
+  s = step_lib.setup(c, mesh)
   state = jax.eval_shape(s.init_state, jax.random.key(0))
   B, T = c.train.global_batch_size, c.train.seq_len
   spec = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=sharding.batch_sharding(mesh))

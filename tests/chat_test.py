@@ -1,4 +1,4 @@
-"""Tests of clm_jax.chat: the CodeLlama-Instruct template, loss masks, JSONL records.
+"""Tests of clm_jax.data.chat: the CodeLlama-Instruct template, loss masks, JSONL records.
 
 Expected prompts are written out by hand in the published format (Meta's
 chat_completion, Hugging Face's CodeLlama-Instruct chat template) and turned
@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from clm_jax import chat
-from clm_jax import tokenizer
+from clm_jax.data import chat
 from clm_jax.data import sources
+from clm_jax.data import tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = ROOT / 'data' / 'instruct'

@@ -19,9 +19,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from clm_jax import checkpoint
-from clm_jax import sharding
-from clm_jax import train
+from clm_jax.ckpt import checkpoint
+from clm_jax.ckpt import params as params_lib
+from clm_jax.parallel import sharding
+from clm_jax.train import step as step_lib
 
 STEPS = 16
 FLAGS = [
@@ -134,7 +135,7 @@ def test_another_model_shape_is_a_clear_error(cache, tmp_path):
 def _setup(c, data, tensor, stages):
   c.mesh.update(data=data, tensor=tensor, pipeline=stages)
   mesh = sharding.make_mesh(c.mesh, jax.devices()[: data * tensor * stages])
-  return mesh, train.setup(c, mesh)
+  return mesh, step_lib.setup(c, mesh)
 
 
 def _save(c, s, ckpt, step, state, tokenizer_path, data_it):
@@ -215,7 +216,7 @@ def test_convert_to_params_writes_a_small_bf16_params_only_checkpoint(cache, tmp
     cache=cache,
   )  # fmt: skip
   assert 'Wrote the params of step 2' in out.stdout
-  params, config, tokenizer_bytes = checkpoint.load_params(tmp_path / 'p')
+  params, config, tokenizer_bytes = params_lib.load_params(tmp_path / 'p')
   assert tokenizer_bytes == (run / 'tokenizer.model').read_bytes()
   assert config['model']['d_model'] == 64
   with ocp.StandardCheckpointer() as reader:  # Orbax itself, no code of ours.

@@ -54,7 +54,7 @@ def test_codellama_34b_is_the_original_run():
   assert (o.peak_lr, o.warmup_steps, o.b1, o.b2, o.eps) == (3e-4, 2000, 0.9, 0.95, 1e-6)
   assert (o.weight_decay, o.clip_norm) == (0.1, 1.0)
   assert config_lib.mesh_shape(c.mesh, 128) == (4, 8, 4)
-  weights = sources.parse_mixture(c.data.mixture)
+  weights = config_lib.parse_mixture(c.data.mixture)
   assert set(weights) == set(sources.LANGUAGES) and sum(weights.values()) == pytest.approx(1)
   assert weights['text'] == pytest.approx(0.15) and c.data.fim_rate == 0
 

@@ -9,12 +9,12 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import pytest  # noqa: E402
 
-from configs import base  # noqa: E402
+from clm_jax.config import schema  # noqa: E402
 
 
 def _tiny_config():
   """A small fp32 model that every mesh up to 8 devices can split."""
-  c = base.get_config()
+  c = schema.get_config()
   c.model.update(
     vocab_size=256,
     d_model=64,

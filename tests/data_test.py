@@ -9,19 +9,19 @@ import sysconfig
 import numpy as np
 import pytest
 
-from clm_jax import tokenizer
+from clm_jax.config import schema
 from clm_jax.data import fim
-from clm_jax.data import pipeline
+from clm_jax.data import loader
 from clm_jax.data import prepare
 from clm_jax.data import records
 from clm_jax.data import sources
-from configs import base
+from clm_jax.data import tokenizer
 
 SEQ_LEN = 64
 
 
 def _data_config(**overrides):
-  c_data = base.get_config().data
+  c_data = schema.get_config().data
   for key, value in overrides.items():
     c_data[key] = value
   return c_data
@@ -155,7 +155,7 @@ def test_packed_rows_hold_whole_documents_in_order(corpus, tok):
   # No row shuffle, so documents can be followed across row boundaries.
   c_data = _data_config(path=str(root), heldout_fraction=0.0, streams=1)
   # batch_size=1 drops no row, so every document must come out exactly once.
-  ds = pipeline.make_dataset(
+  ds = loader.make_dataset(
     c_data, tok, seq_len=SEQ_LEN, batch_size=1, split='train', seed=3, repeat=False
   )
   batches = list(ds)
@@ -190,7 +190,7 @@ def test_streams_mix_files_within_a_batch(tmp_path, tok):
   def files_in_first_batch(streams):
     c_data = _data_config(path=str(tmp_path), heldout_fraction=0.0, streams=streams)
     it = iter(
-      pipeline.make_dataset(c_data, tok, seq_len=SEQ_LEN, batch_size=8, split='train', seed=3)
+      loader.make_dataset(c_data, tok, seq_len=SEQ_LEN, batch_size=8, split='train', seed=3)
     )
     text = ''.join(tok.decode(row) for row in next(it)['tokens'])
     it.close()
@@ -206,7 +206,7 @@ def test_heldout_keeps_file_order(corpus, tok):
   files = sources.list_files(c_data)
   _, heldout = sources.split_files(files, root, 0.3)
   texts = [docs[p.relative_to(root).as_posix()] for p in heldout]
-  ds = pipeline.make_dataset(
+  ds = loader.make_dataset(
     c_data, tok, seq_len=SEQ_LEN, batch_size=1, split='heldout', seed=0, repeat=False
   )
   assert _documents(list(ds)) == _expected(tok, texts)
@@ -215,7 +215,7 @@ def test_heldout_keeps_file_order(corpus, tok):
 def test_train_reshuffles_every_epoch(corpus, tok):
   root, docs = corpus
   c_data = _data_config(path=str(root), heldout_fraction=0.0, streams=1)
-  ds = pipeline.make_dataset(c_data, tok, seq_len=SEQ_LEN, batch_size=4, split='train', seed=0)
+  ds = loader.make_dataset(c_data, tok, seq_len=SEQ_LEN, batch_size=4, split='train', seed=0)
   found = _documents(_take(ds, 40))
   n = len(docs)
   assert len(found) > 2 * n
@@ -229,7 +229,7 @@ def test_seed_fixes_the_batches(corpus, tok):
   c_data = _data_config(path=str(root))
 
   def batches(seed):
-    ds = pipeline.make_dataset(c_data, tok, seq_len=SEQ_LEN, batch_size=2, split='train', seed=seed)
+    ds = loader.make_dataset(c_data, tok, seq_len=SEQ_LEN, batch_size=2, split='train', seed=seed)
     return np.stack([b['tokens'] for b in _take(ds, 5)])
 
   np.testing.assert_array_equal(batches(7), batches(7))
@@ -243,7 +243,7 @@ def _process_shards(c_data, tok, count):
   return [
     _documents(
       list(
-        pipeline.make_dataset(
+        loader.make_dataset(
           c_data,
           tok,
           seq_len=SEQ_LEN,
@@ -275,7 +275,7 @@ def test_process_rows_put_together_are_the_global_batches(corpus, tok, workers):
   c_data = _data_config(path=str(root), streams=4, workers=workers, fim_rate=0.5)
 
   def batches(rows):
-    ds = pipeline.make_dataset(
+    ds = loader.make_dataset(
       c_data, tok, seq_len=SEQ_LEN, batch_size=8, split='train', seed=2, rows=rows
     )
     return _take(ds, 5)
@@ -314,7 +314,7 @@ def test_restored_state_resumes_the_same_batches(corpus, tok, consumed):
   c_data = _data_config(path=str(root))
 
   def make():
-    return pipeline.make_dataset(c_data, tok, seq_len=SEQ_LEN, batch_size=3, split='train', seed=1)
+    return loader.make_dataset(c_data, tok, seq_len=SEQ_LEN, batch_size=3, split='train', seed=1)
 
   # 20: past the first epoch boundary and mid-document.
   _assert_resumes(make, consumed, 6)
@@ -325,12 +325,12 @@ def test_make_dataset_rejects_bad_arguments(corpus, tok):
   c_data = _data_config(path=str(root))
   common = dict(seq_len=SEQ_LEN, batch_size=1, seed=0)
   with pytest.raises(ValueError, match='split'):
-    pipeline.make_dataset(c_data, tok, split='test', **common)
+    loader.make_dataset(c_data, tok, split='test', **common)
   with pytest.raises(ValueError, match=r'rows=\[1, 3\)'):
-    pipeline.make_dataset(c_data, tok, split='train', rows=(1, 3), **common)
+    loader.make_dataset(c_data, tok, split='train', rows=(1, 3), **common)
   with pytest.raises(ValueError, match='data.streams=3 must divide the batch size 4'):
     bad = _data_config(path=str(root), streams=3)
-    pipeline.make_dataset(bad, tok, split='train', **{**common, 'batch_size': 4})
+    loader.make_dataset(bad, tok, split='train', **{**common, 'batch_size': 4})
 
 
 LANGUAGE_FILES = {'python': 'py', 'go': 'go', 'text': 'md'}
@@ -366,7 +366,7 @@ def _prepared_config(path, **overrides):
 def test_prepared_rows_hold_every_document_once(prepared, tok):
   path, languages = prepared
   for split in records.SPLITS:
-    ds = pipeline.make_dataset(
+    ds = loader.make_dataset(
       _prepared_config(path, streams=1),
       tok,
       seq_len=SEQ_LEN,
@@ -383,7 +383,7 @@ def test_mixture_weights_the_languages(prepared, tok):
   path, languages = prepared
   by_doc = {doc: language for (split, doc), language in languages.items() if split == 'train'}
   c_data = _prepared_config(path, streams=1, mixture='python:0.7,go:0.3')
-  ds = pipeline.make_dataset(c_data, tok, seq_len=SEQ_LEN, batch_size=4, split='train', seed=0)
+  ds = loader.make_dataset(c_data, tok, seq_len=SEQ_LEN, batch_size=4, split='train', seed=0)
   docs = _documents(_take(ds, 300))[:-1]  # The last may be cut.
   counts = collections.Counter(by_doc[doc] for doc in docs)
   assert set(counts) == {'python', 'go'} and len(docs) > 600
@@ -394,16 +394,16 @@ def test_mixture_errors_name_the_language(prepared, tok):
   path, _ = prepared
   common = dict(seq_len=SEQ_LEN, batch_size=1, seed=0, split='train')
   with pytest.raises(ValueError, match=r"names \['java'\]"):
-    pipeline.make_dataset(_prepared_config(path, mixture='java:1'), tok, **common)
+    loader.make_dataset(_prepared_config(path, mixture='java:1'), tok, **common)
   with pytest.raises(ValueError, match='cobol'):
-    pipeline.make_dataset(_prepared_config(path, mixture='cobol:1'), tok, **common)
+    loader.make_dataset(_prepared_config(path, mixture='cobol:1'), tok, **common)
 
 
 def test_fim_rows_restore_to_the_documents(prepared, tok):
   path, languages = prepared
   texts = collections.Counter(tok.decode(doc) for (split, doc) in languages if split == 'train')
   c_data = _prepared_config(path, streams=1, fim_rate=1.0)
-  ds = pipeline.make_dataset(
+  ds = loader.make_dataset(
     c_data, tok, seq_len=SEQ_LEN, batch_size=1, split='train', seed=0, repeat=False
   )
   docs = _documents(list(ds))
@@ -427,7 +427,7 @@ def test_prepared_stream_resumes_exactly(prepared, tok, workers):
   c_data = _prepared_config(path, workers=workers, fim_rate=0.5)
 
   def make():
-    return pipeline.make_dataset(c_data, tok, seq_len=SEQ_LEN, batch_size=2, split='train', seed=1)
+    return loader.make_dataset(c_data, tok, seq_len=SEQ_LEN, batch_size=2, split='train', seed=1)
 
   first = _take(make(), 12)
   for want, got in zip(first, _take(make(), 12), strict=True):  # Deterministic.
@@ -440,7 +440,7 @@ def test_prepared_data_needs_its_own_tokenizer(prepared, tok, tmp_path):
   texts = [sources.read_text(p) for p in sources.list_files(_data_config())[:30]]
   other = tokenizer.train(texts, tmp_path / 'other.model', 600)
   with pytest.raises(records.DataError, match='was prepared with its tokenizer.model'):
-    pipeline.make_dataset(
+    loader.make_dataset(
       _prepared_config(path), other, seq_len=SEQ_LEN, batch_size=1, split='train', seed=0
     )
 
@@ -451,7 +451,7 @@ def test_files_source_mixes_a_source_tree_by_extension(prepared, tok):
   c_data = _data_config(
     source='files', path=str(path.parent / 'tree'), heldout_fraction=0.0, mixture='go:1', streams=1
   )
-  ds = pipeline.make_dataset(c_data, tok, seq_len=SEQ_LEN, batch_size=2, split='train', seed=0)
+  ds = loader.make_dataset(c_data, tok, seq_len=SEQ_LEN, batch_size=2, split='train', seed=0)
   docs = _documents(_take(ds, 30))[:-1]
   assert docs and set(docs) <= go
   assert len(set(docs)) == len(go)  # 30 batches of 64 tokens pass every go file.

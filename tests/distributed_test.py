@@ -15,8 +15,8 @@ import cli
 import numpy as np
 import pytest
 
-from clm_jax import distributed
-from clm_jax import spawn
+from clm_jax.cluster import spawn
+from clm_jax.parallel import distributed
 
 STEPS = 30
 FLAGS = [

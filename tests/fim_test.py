@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from sentencepiece import sentencepiece_model_pb2
 
-from clm_jax import tokenizer
+from clm_jax.config import schema
 from clm_jax.data import fim
 from clm_jax.data import sources
-from configs import base
+from clm_jax.data import tokenizer
 
 VOCAB = 512
 NUM_STDLIB_FILES = 50
@@ -37,7 +37,7 @@ TRICKY = [
 
 @pytest.fixture(scope='module')
 def tok(tmp_path_factory):
-  c_data = base.get_config().data
+  c_data = schema.get_config().data
   c_data.tokenizer_sample_mb = 1
   return tokenizer.for_corpus(c_data, VOCAB, cache_dir=tmp_path_factory.mktemp('tok'))
 

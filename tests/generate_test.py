@@ -11,11 +11,11 @@ import models
 import numpy as np
 import pytest
 
-from clm_jax import generate
-from clm_jax import model as model_lib
-from clm_jax import sharding
-from clm_jax import tokenizer as tokenizer_lib
 from clm_jax.data import fim
+from clm_jax.data import tokenizer as tokenizer_lib
+from clm_jax.inference import generate
+from clm_jax.model import decoder as model_lib
+from clm_jax.parallel import sharding
 
 init = jax.jit(model_lib.init, static_argnums=0)
 apply = jax.jit(model_lib.apply, static_argnums=0)

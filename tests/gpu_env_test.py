@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from clm_jax import gpu_env
+from clm_jax.parallel import gpu_env
 
 
 def test_apply_on_an_empty_environment_adds_everything():

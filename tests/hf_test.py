@@ -21,12 +21,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import clm_jax
-from clm_jax import checkpoint
 from clm_jax import config as config_lib
-from clm_jax import hf
-from clm_jax import model as model_lib
-from clm_jax import sharding
-from clm_jax import tokenizer
+from clm_jax.ckpt import checkpoint
+from clm_jax.ckpt import hf
+from clm_jax.ckpt import params as params_lib
+from clm_jax.data import tokenizer
+from clm_jax.inference import loaded
+from clm_jax.model import decoder as model_lib
+from clm_jax.parallel import sharding
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 VOCAB = 416  # Room for the test tokenizer's 400 pieces.
@@ -222,9 +224,9 @@ def test_clm_jax_checkpoints_to_and_from_hf(llama, tok_path, tiny_config, tmp_pa
   hf_dir.mkdir()
   for file in llama[0].iterdir():
     (hf_dir / file.name).write_bytes(file.read_bytes())
-  (hf_dir / hf.TOKENIZER_FILE).write_bytes(tok_path.read_bytes())
+  (hf_dir / tokenizer.TOKENIZER_FILE).write_bytes(tok_path.read_bytes())
   hf.convert_from_hf(hf_dir, tmp_path / 'params')
-  params, config, tok = checkpoint.load_params(tmp_path / 'params')
+  params, config, tok = params_lib.load_params(tmp_path / 'params')
   assert tok == tok_path.read_bytes()
   assert config['model']['num_kv_heads'] == 2 and config['model']['rope_theta'] == 1e6
   model = clm_jax.load(tmp_path / 'params')
@@ -233,7 +235,7 @@ def test_clm_jax_checkpoints_to_and_from_hf(llama, tok_path, tiny_config, tmp_pa
   out = hf.convert_to_hf(tmp_path / 'params', tmp_path / 'back', dtype='float32', progress=False)
   assert out['step'] is None
   assert _rel(_transformers_logits(tmp_path / 'back'), llama[1]) < 1e-4
-  assert (tmp_path / 'back' / hf.TOKENIZER_FILE).read_bytes() == tok_path.read_bytes()
+  assert (tmp_path / 'back' / tokenizer.TOKENIZER_FILE).read_bytes() == tok_path.read_bytes()
 
   # A training run's latest checkpoint, as `train` writes it.
   c = tiny_config
@@ -278,7 +280,7 @@ def _numpy_llama(directory, vocab, d_model, mlp_dim, layers, heads, **config):
 _PEAK_SCRIPT = """
 import json, sys
 import jax, numpy as np
-from clm_jax import hf
+from clm_jax.ckpt import hf
 
 def peak():
   status = open('/proc/self/status').read()
@@ -388,9 +390,9 @@ def test_load_names_what_it_expects(tmp_path):
   with pytest.raises(FileNotFoundError, match='params-only checkpoint'):
     clm_jax.load(tmp_path)
   with pytest.raises(ValueError, match='token ids must be in'):
-    clm_jax.Model(types.SimpleNamespace(vocab_size=4), {}).logits([[1, 4]])
+    loaded.Model(types.SimpleNamespace(vocab_size=4), {}).logits([[1, 4]])
   with pytest.raises(ValueError, match='one length'):
-    clm_jax.Model(types.SimpleNamespace(vocab_size=4), {}).logits([[1, 2], [3]])
+    loaded.Model(types.SimpleNamespace(vocab_size=4), {}).logits([[1, 2], [3]])
 
 
 @pytest.mark.parametrize('kv_heads', [2, 1])

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 import clm_jax
-from clm_jax import chat
-from clm_jax import model as model_lib
-from clm_jax import pipeline as stage_pipeline
-from clm_jax import tokenizer
-from clm_jax import train
-from clm_jax.data import pipeline
-from configs import base
+from clm_jax.config import schema
+from clm_jax.data import chat
+from clm_jax.data import loader
+from clm_jax.data import tokenizer
+from clm_jax.model import decoder as model_lib
+from clm_jax.model import loss as loss_lib
+from clm_jax.train import step as step_lib
 
 DIALOGS = [
   {
@@ -50,10 +50,10 @@ def _answers(dialog):
 def test_the_loss_mask_covers_exactly_the_answers_after_packing(tok, tmp_path):
   path = tmp_path / 'train.jsonl'
   path.write_text(''.join(json.dumps(d) + '\n' for d in DIALOGS * 3))
-  c_data = base.get_config().data
+  c_data = schema.get_config().data
   c_data.update(source='instruct', path=str(path), streams=1)
   # Rows shorter than a dialog: answers and masks continue across row breaks.
-  ds = pipeline.make_dataset(
+  ds = loader.make_dataset(
     c_data, tok, seq_len=24, batch_size=1, split='train', seed=0, repeat=False
   )
   rows = list(ds)
@@ -77,7 +77,7 @@ def test_targets_weigh_only_masked_next_tokens():
   tokens = np.array([[1, 5, 6, 7, 8, 2]])
   segments = np.ones_like(tokens)
   mask = np.array([[0, 0, 0, 1, 1, 1]])
-  _, weights = stage_pipeline.targets(tokens, segments, mask)
+  _, weights = loss_lib.targets(tokens, segments, mask)
   # Position t predicts token t + 1: the weights are the mask moved left by one.
   np.testing.assert_array_equal(weights, [[0, 0, 1, 1, 1, 0]])
 
@@ -115,7 +115,7 @@ def test_rounds_of_instruction_tuning_from_pre_trained_params(tmp_path):
   model = clm_jax.load(pretrained)
   batch = next(
     iter(
-      pipeline.make_dataset(
+      loader.make_dataset(
         config.data,
         model.tokenizer,
         seq_len=config.train.seq_len,
@@ -126,7 +126,7 @@ def test_rounds_of_instruction_tuning_from_pre_trained_params(tmp_path):
     )
   )
   graphdef, _, _ = model_lib.abstract(model.config)
-  token_losses, weights = train.token_losses(graphdef, model.params, batch)
+  token_losses, weights = step_lib.token_losses(graphdef, model.params, batch)
   assert 0 < weights.sum() < (batch['segment_ids'] > 0).sum()  # Prompts do not count.
   np.testing.assert_allclose(losses[0], token_losses.sum() / weights.sum(), rtol=1e-4)
 

@@ -13,7 +13,7 @@ import transformers
 from tensorboardX.proto import event_pb2
 
 import clm_jax
-from clm_jax import perplexity
+from clm_jax.eval import perplexity
 
 
 def _tb_tags(tb_dir):

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from clm_jax import loss
+from clm_jax.model import loss
 
 
 def _inputs(dtype=jnp.float32, B=2, T=12, D=16, V=40):

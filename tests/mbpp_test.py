@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from clm_jax import evaluate
-from clm_jax import mbpp
+from clm_jax.eval import harness
+from clm_jax.eval import mbpp
 
 TASKS = mbpp.load()
 # data/mbpp/README.md: reference solutions that fail on current CPython
@@ -223,7 +223,7 @@ def test_completions_are_cut_at_done_and_scored_per_sample(tmp_path):
   ],
 )
 def test_truncate_at_the_end_marker(text, cut):
-  assert evaluate.truncate(text, mbpp.STOP_SEQUENCES) == cut
+  assert harness.truncate(text, mbpp.STOP_SEQUENCES) == cut
 
 
 def _write(tmp_path, lines):

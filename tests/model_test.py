@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 
 from clm_jax import config as config_lib
-from clm_jax import layers
-from clm_jax import model as model_lib
-from clm_jax import train
+from clm_jax.model import decoder as model_lib
+from clm_jax.model import layers
+from clm_jax.train import step as step_lib
 from configs import codellama_34b
 
 # Jitted once per graph: eager op-by-op dispatch of a scanned model is slow.
 apply = jax.jit(model_lib.apply, static_argnums=0)
-token_losses = jax.jit(train.token_losses, static_argnums=(0, 3))
+token_losses = jax.jit(step_lib.token_losses, static_argnums=(0, 3))
 
 
 def _cfg(**overrides):
@@ -33,7 +33,7 @@ def _single_doc(tokens):
 
 def _reference_logits(cfg, params, tokens):
   """A from-scratch LLaMA forward: explicit per-layer loop, repeated kv heads,
-  a materialised causal softmax; shares no code with clm_jax.layers."""
+  a materialised causal softmax; shares no code with clm_jax.model.layers."""
   T = tokens.shape[1]
   H, G = cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
   pos = np.arange(T)

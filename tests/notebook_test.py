@@ -12,9 +12,9 @@ import numpy as np
 from ipykernel import kernelspec
 
 import clm_jax
-from clm_jax import model as model_lib
-from clm_jax import sharding
-from configs import base
+from clm_jax.config import schema
+from clm_jax.model import decoder as model_lib
+from clm_jax.parallel import sharding
 
 NOTEBOOK = cli.ROOT / 'notebooks' / 'inspect_params.ipynb'
 
@@ -61,7 +61,7 @@ def test_inspect_params_prints_the_loaded_models_numbers(tmp_path):
   outputs = _run(notebook, tmp_path, {**os.environ, 'CLM_JAX_CHECKPOINT': str(run)})
 
   # The same load in this process (8 CPU devices from conftest), on the notebook's mesh.
-  c_mesh = base.get_config().mesh
+  c_mesh = schema.get_config().mesh
   c_mesh.update(data=-1, tensor=2, pipeline=2)
   mesh = sharding.make_mesh(c_mesh)
   model = clm_jax.load(run, mesh=mesh)

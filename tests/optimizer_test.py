@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clm_jax import optimizer
-from clm_jax import train
+from clm_jax.train import optimizer
+from clm_jax.train import step as step_lib
 from configs import codellama_34b
 
 
@@ -57,7 +57,7 @@ def _axes():
 def test_weight_decay_skips_norm_scales(tiny_config):
   c = tiny_config.optim
   c.update(peak_lr=0.5, warmup_steps=0, weight_decay=0.1, clip_norm=1.0)
-  opt = optimizer.make_optimizer(c, lambda _: 0.5, train.decay_mask(_axes()))
+  opt = optimizer.make_optimizer(c, lambda _: 0.5, step_lib.decay_mask(_axes()))
   params = _params()
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = opt.update(zeros, opt.init(params), params)
@@ -70,7 +70,7 @@ def test_weight_decay_skips_norm_scales(tiny_config):
 
 
 def test_nonfinite_gradients_skip_the_update_and_are_counted(tiny_config):
-  opt = optimizer.make_optimizer(tiny_config.optim, lambda _: 0.1, train.decay_mask(_axes()))
+  opt = optimizer.make_optimizer(tiny_config.optim, lambda _: 0.1, step_lib.decay_mask(_axes()))
   params = _params()
   state = opt.init(params)
   bad = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), params)
@@ -88,7 +88,7 @@ def test_nonfinite_gradients_skip_the_update_and_are_counted(tiny_config):
 def test_gradients_are_clipped_before_adam(tiny_config):
   c = tiny_config.optim
   c.update(clip_norm=1.0, b1=0.9)
-  opt = optimizer.make_optimizer(c, lambda _: 0.1, train.decay_mask(_axes()))
+  opt = optimizer.make_optimizer(c, lambda _: 0.1, step_lib.decay_mask(_axes()))
   params = _params()
   g = jax.tree.map(lambda p: jnp.full_like(p, 3.0), params)
   norm = math.sqrt(sum(9.0 * x.size for x in jax.tree.leaves(params)))

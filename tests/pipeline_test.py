@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from clm_jax import checkpoint
-from clm_jax import pipeline
-from clm_jax import sharding
-from clm_jax import train
+from clm_jax.ckpt import checkpoint
+from clm_jax.parallel import sharding
+from clm_jax.train import pipeline
+from clm_jax.train import step as step_lib
 
 MICROBATCHES = 8
 
@@ -28,7 +28,7 @@ def config(tiny_config):
 def _setup(c, data, tensor, stages, virtual=1):
   c.mesh.update(data=data, tensor=tensor, pipeline=stages, virtual_stages=virtual)
   mesh = sharding.make_mesh(c.mesh, jax.devices()[: data * tensor * stages])
-  return mesh, train.setup(c, mesh)
+  return mesh, step_lib.setup(c, mesh)
 
 
 def _loss_and_grads(c, data, tensor, stages, virtual, params):
@@ -36,7 +36,7 @@ def _loss_and_grads(c, data, tensor, stages, virtual, params):
   mesh, s = _setup(c, data, tensor, stages, virtual)
   fn = jax.jit(
     functools.partial(
-      train.grads_and_loss,
+      step_lib.grads_and_loss,
       s.graphdef,
       schedule=s.pipeline_schedule,
       microbatches=c.train.microbatches,

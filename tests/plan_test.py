@@ -11,10 +11,10 @@ import jax
 import pytest
 
 from clm_jax import config as config_lib
-from clm_jax import model as model_lib
-from clm_jax import plan
-from clm_jax import plan_report
-from clm_jax import xla_memory
+from clm_jax.model import decoder as model_lib
+from clm_jax.plan import estimate
+from clm_jax.plan import report as plan_report
+from clm_jax.plan import xla_memory
 from configs import default
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -26,7 +26,7 @@ def test_param_count_equals_the_real_model(name):
   c = importlib.import_module(f'configs.{name}').get_config()
   cfg = config_lib.ModelConfig.from_config(c.model)
   _, abstract, _ = model_lib.abstract(cfg)
-  assert plan.param_count(cfg) == model_lib.param_count(abstract)
+  assert estimate.param_count(cfg) == model_lib.param_count(abstract)
 
 
 def _small(**overrides):
@@ -74,10 +74,10 @@ def test_memory_within_15_percent_of_xla(case):
   c = _small(**CASES[case])
   devices = c.mesh.data * c.mesh.tensor * c.mesh.pipeline
   compiled = xla_memory.measure(c, jax.devices()[:devices])
-  estimate = plan.memory(c, plan.layout_of(c, devices))
+  mem = estimate.memory(c, estimate.layout_of(c, devices))
   # The state is exact: it is the real sharding of the real shapes.
-  assert estimate.params + estimate.optimizer == pytest.approx(compiled['arguments'], rel=0.01)
-  assert estimate.total == pytest.approx(compiled['total'], rel=0.15), (estimate, compiled)
+  assert mem.params + mem.optimizer == pytest.approx(compiled['arguments'], rel=0.01)
+  assert mem.total == pytest.approx(compiled['total'], rel=0.15), (mem, compiled)
 
 
 def _plan_cli(*args):
@@ -127,7 +127,7 @@ def test_codellama_34b_figures_of_the_original_run():
 
 def test_time_follows_the_stated_mfu():
   c = default.get_config()
-  p = plan.plan(c, 1, plan.DEVICE_TYPES['h100-80gb'], mfu=0.5, search=0)
+  p = estimate.plan(c, 1, estimate.DEVICE_TYPES['h100-80gb'], mfu=0.5, search=0)
   tokens_per_step = c.train.global_batch_size * c.train.seq_len
   step = p['flops_per_token'] * tokens_per_step / (989e12 * 0.5)
   assert p['at_mfu']['step_seconds'] == pytest.approx(step)
@@ -139,7 +139,7 @@ def test_a_config_that_does_not_fit_is_reported_with_layouts_that_do():
   c = default.get_config()
   c.model.d_model, c.model.mlp_dim, c.model.num_layers = 2048, 5632, 24
   c.train.global_batch_size, c.train.seq_len, c.model.remat = 64, 1024, 'none'
-  p = plan.plan(c, 1, plan.DEVICE_TYPES['a100-40gb'], mfu=0.4)
+  p = estimate.plan(c, 1, estimate.DEVICE_TYPES['a100-40gb'], mfu=0.4)
   assert not p['fits'] and p['memory_gib']['total'] > 36
   for s in p['suggestions']:
     assert s['memory_gib'] <= 36
@@ -172,7 +172,7 @@ def test_suggestions_are_valid_configs():
   c = default.get_config()  # float32 compute: cuDNN attention would be refused.
   for dtype, cudnn_allowed in (('float32', False), ('bfloat16', True)):
     c.model.dtype = dtype
-    p = plan.plan(c, 1, plan.DEVICE_TYPES['h100-80gb'], mfu=0.4, search=100)
+    p = estimate.plan(c, 1, estimate.DEVICE_TYPES['h100-80gb'], mfu=0.4, search=100)
     kernels = {s['overrides'].split('attention=')[1] for s in p['suggestions']}
     assert kernels == ({'xla', 'cudnn'} if cudnn_allowed else {'xla'})
     for s in p['suggestions']:
@@ -186,4 +186,4 @@ def test_suggestions_are_valid_configs():
 
 def test_unknown_device_type_is_a_config_error():
   with pytest.raises(config_lib.ConfigError, match='plan.device_type'):
-    plan.device_type('tpu-v9')
+    estimate.device_type('tpu-v9')

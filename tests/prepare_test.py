@@ -11,13 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clm_jax import tokenizer
+from clm_jax.config import schema
 from clm_jax.data import dedup
 from clm_jax.data import filters
 from clm_jax.data import prepare
 from clm_jax.data import records
 from clm_jax.data import sources
-from configs import base
+from clm_jax.data import tokenizer
 
 SMALL = {
   'cpp': ('lib/vec.cpp', '#include <vector>\n\nint sum(const std::vector<int>& v) {\n'),
@@ -109,7 +109,7 @@ def _inputs(root: pathlib.Path):
 
 @pytest.fixture(scope='module')
 def tok(tmp_path_factory):
-  c_data = base.get_config().data
+  c_data = schema.get_config().data
   c_data.tokenizer_sample_mb = 1
   return tokenizer.for_corpus(c_data, 512, cache_dir=tmp_path_factory.mktemp('tok'))
 

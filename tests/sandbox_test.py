@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from clm_jax import sandbox
+from clm_jax.eval import sandbox
 
 # Puts back the ctypes the guard hides, as a determined program would.
 _UNGUARD_CTYPES = """

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from clm_jax import sharding
-from clm_jax import train
+from clm_jax.parallel import sharding
+from clm_jax.train import step as step_lib
 
 
 def _train(c, data, tensor, fsdp=False, steps=3):
   c.mesh.update(data=data, tensor=tensor, fsdp=fsdp)
   mesh = sharding.make_mesh(c.mesh, jax.devices()[: data * tensor])
-  s = train.setup(c, mesh)
+  s = step_lib.setup(c, mesh)
   losses = []
   with jax.set_mesh(mesh):
     state = s.init_state(jax.random.key(0))
@@ -74,7 +74,7 @@ def test_golden_parameter_shardings(tiny_config):
   c = tiny_config
   c.mesh.update(data=2, tensor=4)
   mesh = sharding.make_mesh(c.mesh, jax.devices())
-  specs = jax.tree.map(lambda s: s.spec, train.setup(c, mesh).state_shardings.params)
+  specs = jax.tree.map(lambda s: s.spec, step_lib.setup(c, mesh).state_shardings.params)
   assert specs == {
     'embed': P('tensor', None),  # vocab-parallel
     'lm_head': P(None, 'tensor'),  # vocab-parallel
@@ -97,7 +97,7 @@ def test_golden_parameter_shardings(tiny_config):
   }
   c.mesh.update(data=4, tensor=2, fsdp=True)
   mesh = sharding.make_mesh(c.mesh, jax.devices())
-  s = train.setup(c, mesh)
+  s = step_lib.setup(c, mesh)
   specs = jax.tree.map(lambda s: s.spec, s.state_shardings.params)
   assert specs['blocks']['attn']['wk'] == P(None, 'data', 'tensor', None)  # 2 kv heads / 2
   assert specs['blocks']['mlp']['w_down'] == P(None, 'tensor', 'data')
@@ -112,7 +112,7 @@ def test_init_is_sharded_not_gathered(tiny_config):
   c = tiny_config
   c.mesh.update(data=2, tensor=4)
   mesh = sharding.make_mesh(c.mesh, jax.devices())
-  s = train.setup(c, mesh)
+  s = step_lib.setup(c, mesh)
   compiled = s.init_state.lower(jax.random.key(0)).compile()
   # Every output is produced in its final sharding, none whole on one device.
   out = compiled.output_shardings

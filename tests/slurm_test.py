@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import time
 
 import pytest
 
-from clm_jax import slurm
+from clm_jax.cluster import slurm
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -103,8 +104,55 @@ def test_script_parses_and_declares_the_allocation(per, tmp_path):
   assert '--num_processes="$SLURM_NTASKS"' in text
   assert '--process_id="$SLURM_PROCID"' in text
   assert ('--local_device_ids="$SLURM_LOCALID"' in text) == (per == 'gpu')
-  assert '--kill-on-bad-exit=1' in text and '--output=logs/%x-%j-%t.log' in text
+  assert '--kill-on-bad-exit=1' in text and '\nTASK_LOG=logs/%x-%j-%t.log\n' in text
   assert '    --config=configs/codellama_34b.py \\\n    --workdir=runs/cl34b \\\n' in text
+
+
+def _shellcheck(path):
+  """Asserts that ShellCheck finds nothing in the script at `path`, at any severity."""
+  if shutil.which('shellcheck') is None:
+    message = 'shellcheck is not installed; install it with: apt-get install shellcheck'
+    if os.environ.get('CI'):  # .ci/run installs it: there, its absence is a failure.
+      pytest.fail(message)
+    pytest.skip(message)
+  out = subprocess.run(['shellcheck', '--norc', str(path)], capture_output=True, text=True)
+  assert out.returncode == 0 and not out.stdout.strip(), out.stdout + out.stderr
+
+
+def test_template_passes_shellcheck():
+  _shellcheck(slurm.TEMPLATE)
+
+
+@pytest.mark.parametrize('per, port', [('node', 0), ('gpu', 12345)])
+def test_rendered_script_passes_shellcheck(per, port, tmp_path):
+  args = [
+    '--config=configs/sweeps/x.py',
+    '--trial=$SLURM_ARRAY_TASK_ID',
+    '--name=run-${SLURM_ARRAY_JOB_ID}_x',
+    'it\'s "quoted" $HOME `x` \\ end',
+  ]
+  text = slurm.sbatch_script(
+    args,
+    nodes=2,
+    per=per,
+    port=port,
+    array='0-3',
+    command='sweep',
+    partition='h100',
+    workdir_root='/lustre/me/clm_jax',
+    extra_sbatch=('--qos=high',),
+  )
+  _shellcheck(slurm.write_sbatch(tmp_path / 'job.sbatch', text))
+
+
+def test_render_fills_every_placeholder_and_nothing_else():
+  template = '#!/bin/bash\n#@HEAD@\nX=@X@\necho "$X" # @X@\n'
+  text = slurm._render(template, HEAD='# a\n# b', X='@HEAD@')
+  assert text == '#!/bin/bash\n# a\n# b\nX=@HEAD@\necho "$X" # @HEAD@\n'
+  with pytest.raises(RuntimeError, match='@X@'):
+    slurm._render(template, HEAD='')
+  with pytest.raises(RuntimeError, match='Y'):
+    slurm._render(template, HEAD='', X='', Y='')
 
 
 def test_optional_directives_absent_when_not_given():
@@ -242,7 +290,7 @@ def test_array_task_id_expands_at_run_time(tmp_path):
 def test_workdir_root_is_the_run_directory():
   text = _script('node', workdir_root='/lustre/me/clm_jax')
   assert '#SBATCH --chdir=/lustre/me/clm_jax' in text
-  assert '\ncd /lustre/me/clm_jax\n' in text and 'cd "$SLURM_SUBMIT_DIR"' not in text
+  assert '\nRUN_DIR=/lustre/me/clm_jax\n' in text and 'RUN_DIR="$SLURM_SUBMIT_DIR"' not in text
   with pytest.raises(ValueError, match='--workdir_root'):
     _script('node', workdir_root='/lustre/my runs')
 

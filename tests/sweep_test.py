@@ -13,9 +13,9 @@ import types
 import cli
 import pytest
 
-from clm_jax import sweep
-from clm_jax import sweep_run
-from clm_jax import sweep_summary
+from clm_jax.cluster import sweep
+from clm_jax.cluster import sweep_run
+from clm_jax.cluster import sweep_summary
 
 # The tiny model of tests/cli.py, 10 steps: seconds per trial on one CPU device.
 TINY = {

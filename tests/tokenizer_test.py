@@ -1,4 +1,4 @@
-"""Tests of clm_jax.tokenizer: lossless round trips, special ids, caching."""
+"""Tests of clm_jax.data.tokenizer: lossless round trips, special ids, caching."""
 
 import concurrent.futures
 import os
@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 from sentencepiece import sentencepiece_model_pb2
 
-from clm_jax import tokenizer
+from clm_jax.config import schema
 from clm_jax.data import sources
-from configs import base
+from clm_jax.data import tokenizer
 
 VOCAB = 512  # Tiny, so training on 1 MiB of the stdlib takes well under a second.
 
 
 def _data_config(**overrides):
-  c_data = base.get_config().data
+  c_data = schema.get_config().data
   c_data.tokenizer_sample_mb = 1
   for key, value in overrides.items():
     c_data[key] = value

@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from clm_jax import tokenizer as tokenizer_lib
+from clm_jax.data import tokenizer as tokenizer_lib
 
 # Doubles permute() draws: two cut positions, then PSM vs SPM.
 _PERMUTE_DRAWS = 3

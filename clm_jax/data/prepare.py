@@ -25,11 +25,11 @@ from collections.abc import Sequence
 import numpy as np
 import tqdm
 
-from clm_jax import tokenizer as tokenizer_lib
 from clm_jax.data import dedup
 from clm_jax.data import filters
 from clm_jax.data import records
 from clm_jax.data import sources
+from clm_jax.data import tokenizer as tokenizer_lib
 
 WORK = 'work'
 
@@ -95,7 +95,7 @@ def prepare(
   shards = _write_shards(units, work, keep, heldout, output, tok, options, progress)
   manifest = _manifest(inputs, tok, options, stats, dropped, shards)
   manifest['seconds'] = round(time.perf_counter() - start, 2)
-  shutil.copyfile(tok.path, output / records.TOKENIZER)
+  shutil.copyfile(tok.path, output / tokenizer_lib.TOKENIZER_FILE)
   _write_json(output / records.MANIFEST, manifest)
   if not keep_work:
     shutil.rmtree(work)
@@ -312,7 +312,7 @@ def _manifest(inputs, tok, options, stats, dropped, shards) -> dict:
     'created': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
     'inputs': [str(p) for p in inputs],
     'tokenizer': {
-      'file': records.TOKENIZER,
+      'file': tokenizer_lib.TOKENIZER_FILE,
       'sha256': records.file_sha256(tok.path),
       'vocab_size': tok.vocab_size,
     },

@@ -28,7 +28,6 @@ from array_record.python import array_record_module
 
 FORMAT = 'clm_jax.prepared/1'
 MANIFEST = 'manifest.json'
-TOKENIZER = 'tokenizer.model'
 SPLITS = ('train', 'heldout')
 
 _HEADER = struct.Struct('<I')

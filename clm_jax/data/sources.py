@@ -21,11 +21,12 @@ from collections.abc import Iterator
 from collections.abc import Sequence
 
 import ml_collections
+import pyarrow.parquet as pq
 
-# Values `data.source` may take: this interpreter's standard library, a tree of
-# source files (both tokenized on the fly), or the output of `data prepare`.
-SOURCES = ('stdlib', 'files', 'prepared', 'instruct')
-LANGUAGES = ('python', 'cpp', 'java', 'javascript', 'go', 'text')
+from clm_jax.config import schema
+
+SOURCES = schema.SOURCES
+LANGUAGES = schema.LANGUAGES
 
 EXTENSIONS = {
   '.py': 'python',
@@ -133,32 +134,6 @@ def normalize_language(value: str) -> str:
   """Maps a dump's language label ('C++', 'Python') to ours ('cpp', 'python')."""
   key = value.strip().lower()
   return _ALIASES.get(key, key)
-
-
-def parse_mixture(text: str) -> dict[str, float]:
-  """Parses `data.mixture`, e.g. 'python:0.5,cpp:0.3,text:0.2', to weights.
-
-  Raises:
-    ValueError: Malformed entry, repeated or unknown language, or a weight
-      that is not positive.
-  """
-  weights = {}
-  for entry in filter(None, (e.strip() for e in text.split(','))):
-    language, sep, weight = entry.partition(':')
-    language = language.strip()
-    try:
-      value = float(weight)
-    except ValueError:
-      value = float('nan')
-    if not sep or not value > 0 or language in weights:
-      raise ValueError(
-        f'data.mixture={text!r}: bad entry {entry!r}; expected LANGUAGE:WEIGHT with a '
-        'positive weight, each language once.'
-      )
-    if language not in LANGUAGES + ('unknown',):
-      raise ValueError(f'data.mixture={text!r}: {language!r} is not one of {LANGUAGES}.')
-    weights[language] = value
-  return weights
 
 
 def list_units(inputs: Sequence[str], *, files_per_unit: int = 256) -> list[Unit]:
@@ -285,8 +260,6 @@ def _read_jsonl(path: str, options: ReadOptions) -> Iterator[Document | Skipped]
 
 
 def _row_groups(path: pathlib.Path) -> int:
-  import pyarrow.parquet as pq  # noqa: PLC0415  Only Parquet inputs need pyarrow.
-
   try:
     return pq.ParquetFile(path).num_row_groups
   except Exception:  # noqa: BLE001  pyarrow raises many types; the unit reports it.
@@ -294,8 +267,6 @@ def _row_groups(path: pathlib.Path) -> int:
 
 
 def _read_parquet(path: str, row_group: int, options: ReadOptions):
-  import pyarrow.parquet as pq  # noqa: PLC0415
-
   try:
     pf = pq.ParquetFile(path)
     names = set(pf.schema_arrow.names)

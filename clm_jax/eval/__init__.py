@@ -1,0 +1,1 @@
+"""Evaluation: the sandbox, the code-eval harness, HumanEval, MBPP, held-out perplexity."""

@@ -1,0 +1,1 @@
+"""Generation with a KV cache, and the loaded-model object behind `clm_jax.load`."""

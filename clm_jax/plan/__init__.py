@@ -1,0 +1,1 @@
+"""The planner: memory, FLOPs and time per layout, and XLA's cross-check of its estimates."""

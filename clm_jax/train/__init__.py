@@ -1,0 +1,1 @@
+"""Training: the jitted step, pipeline schedule, optimizer, metrics, preemption, the loop."""
