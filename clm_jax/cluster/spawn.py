@@ -1,15 +1,8 @@
-"""Several training processes on this machine, joined over 127.0.0.1.
+"""Several training processes on this machine, joined over 127.0.0.1 (`--spawn=N`).
 
-`python -m launch train --spawn=N ...` runs N copies of the same command as
-processes 0..N-1 of one distributed run: the way to try a multi-host setup
-(data loading per process, global arrays, collective saves, failure
-handling) on a laptop, and how the tests exercise it. Each process's lines
-come out prefixed with `[process i]`.
-
-The supervisor forwards SIGTERM / SIGINT to every process (they save and exit
-together), and when one exits with an error it gives the others
-`grace` seconds to notice through the runtime's heartbeats, then ends them,
-so nothing outlives a failed run.
+The way to try a multi-host setup on a laptop, and how the tests exercise it.
+Signals are forwarded to every process; after one fails the others get `grace`
+seconds, then are killed, so nothing outlives a failed run.
 """
 
 import os
@@ -52,16 +45,8 @@ def run(
 ) -> int:
   """Runs `python -m launch *args` as `num_processes` joined processes.
 
-  Args:
-    args: The command line after `python -m launch`, without --spawn.
-    num_processes: Processes to start.
-    grace: Seconds the others get to exit on their own after one fails.
-    env: Their environment; default this process's.
-    devices_per_process: Local device ids (GPUs) of each process; default
-      every process sees every device (CPU devices are never shared).
-
-  Returns:
-    0 if every process exited 0; else the first failure's exit code.
+  `devices_per_process`: local GPU ids of each; default all (CPU devices are
+  never shared). Returns 0, or the first failure's exit code.
   """
   port = free_port()
   procs = []

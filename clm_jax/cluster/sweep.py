@@ -1,21 +1,10 @@
 """Hyper-parameter sweeps from a sweep file: one training run per trial, resumable.
 
-A sweep file is a Python module whose `get_sweep()` returns a dict (or a
-ConfigDict) with:
-
-  base       the train config every trial starts from, e.g. 'configs/default.py'
-             (relative to the working directory, else to the repository root);
-  overrides  {'train.steps': 200, ...}: applied to every trial;
-  grid       {'optim.peak_lr': [1e-3, 3e-3], ...}: one trial per combination, the
-             first key varying slowest (a ConfigDict sorts its keys; a dict keeps yours),
-  or trials  [{'optim.peak_lr': 1e-3, ...}, ...]: one trial per dict;
-  name       optional; default the file's stem.
-
-Keys are dotted config keys; nested dicts ({'optim': {'peak_lr': ...}}) mean the
-same. `load` checks every key and value against the base config before anything
-runs. Each trial is `python -m launch train --config=BASE --config.KEY=VALUE ...`
-into `WORKDIR/NNN-key=value,...` (the last part of each key): `clm_jax.cluster.sweep_run`
-runs them, `clm_jax.cluster.sweep_summary` compares them.
+`get_sweep()` returns `base` (relative to the working directory, else the
+repository root), `overrides`, and either `grid` (the first key varies slowest;
+a ConfigDict sorts its keys) or `trials`, and an optional `name`; see README.
+Keys are dotted or nested. `load` checks every key and value against the base
+config before anything runs.
 """
 
 import collections.abc
@@ -94,9 +83,8 @@ def flag_value(value) -> str:
 def trial_name(index: int, overrides: dict, width: int = 3) -> str:
   """'007-peak_lr=0.001,warmup_steps=10': the index, then each key's last part and value.
 
-  A last part that two keys share stays whole. Characters outside [A-Za-z0-9._=,+-]
-  become '_', and the text is cut at 100, so the name is always a safe directory name;
-  the index keeps names unique.
+  Always a safe directory name (other characters become '_', cut at 100); the
+  index keeps names unique.
   """
   short = [key.rsplit('.', 1)[-1] for key in overrides]
   parts = [
@@ -136,18 +124,7 @@ def _check_overrides(config, base_name, overrides: dict, where: str, error) -> N
 
 
 def load(sweep_path) -> Sweep:
-  """Loads and validates a sweep file.
-
-  Args:
-    sweep_path: The sweep file (str or path-like).
-
-  Returns:
-    The sweep, its trials in order.
-
-  Raises:
-    SweepError: The file, its base config or an override is invalid; the message names
-      the sweep file and the key.
-  """
+  """Loads and validates a sweep file; a SweepError names the file and the key."""
   path = pathlib.Path(sweep_path)
 
   def error(message):

@@ -1,12 +1,7 @@
 """Running a sweep: its trials one after another, each a `python -m launch train`.
 
-Each trial runs in a subprocess, in the repository root, into its own directory
-under the sweep's workdir, with its output in `train.log` and its outcome in
-`status.json`: 'done' (trained to train.steps), 'failed' (a non-zero exit) or
-'interrupted' (stopped by a signal after saving). Running the sweep again skips
-the trials that are done; the others resume from their latest checkpoint, as
-`train` does on an existing workdir. A Slurm job array runs one trial per array
-task (`slurm_script`).
+A trial's outcome goes to its `status.json`: 'done' (trained to train.steps),
+'failed' (a non-zero exit) or 'interrupted' (stopped by a signal after saving).
 """
 
 import dataclasses
@@ -39,11 +34,9 @@ class Result:
 class _StopOnSignal:
   """SIGTERM / SIGINT on the sweep: the running trial saves and exits, then the sweep stops.
 
-  Whether the trial must be sent the signal depends on who sent it: Ctrl-C reaches
-  the terminal's whole process group, trial included, and Slurm signals every process
-  of its job; a SIGTERM from `kill` reaches the sweep alone. So only SIGTERM outside
-  Slurm is passed on, once per signal received: one more would count as a second
-  signal, on which training exits at once without saving.
+  Ctrl-C reaches the whole process group and Slurm signals every process of its
+  job, so only a SIGTERM outside Slurm is passed on, once per signal received:
+  one more would be a second signal, on which training exits without saving.
   """
 
   def __init__(self, env):
@@ -141,25 +134,9 @@ def run(
 ) -> list[Result]:
   """Runs the sweep's trials one after another, skipping those done before.
 
-  A failed trial does not stop the sweep. SIGTERM or SIGINT does: the running trial
-  saves a checkpoint and is recorded as interrupted, and no further trial starts.
-
-  Args:
-    sweep: From `clm_jax.cluster.sweep.load`.
-    workdir: The sweep's directory; trial `t` trains into `workdir/t.name`.
-    python: The interpreter that runs `python -m launch train`.
-    extra_args: More flags for every trial's train command (e.g. the distributed
-      layout, `--process_id=...`).
-    trial: Run only this trial index (a Slurm array task); None runs them all.
-    env: The trials' environment; None inherits this process's.
-    process_id: This process's id in a multi-host trial; only process 0 records
-      status.json, and the others log to `train.<id>.log`.
-
-  Returns:
-    One Result per trial considered, in order; fewer than asked for when stopped.
-
-  Raises:
-    SweepError: `trial` is out of range.
+  A failed trial does not stop the sweep; SIGTERM or SIGINT does, after the
+  running trial saves. `trial` runs one index only (a Slurm array task); of a
+  multi-host trial only `process_id` 0 records status.json.
   """
   n = len(sweep.trials)
   if trial is not None and not 0 <= trial < n:
@@ -195,18 +172,7 @@ def default_workdir(sweep: sweep_lib.Sweep) -> pathlib.Path:
 def main(sweep_path, workdir=None, trial=None, *, extra_args=(), process_id: int = 0) -> int:
   """`python -m launch sweep`: runs (or resumes) a sweep, then writes its summary.
 
-  Args:
-    sweep_path: The sweep file.
-    workdir: The sweep's directory; default runs/sweeps/<sweep name>.
-    trial: Run only this trial index (a Slurm array task); None runs them all.
-    extra_args: More flags for every trial's train command.
-    process_id: This process's id in a multi-host trial; only process 0 writes.
-
-  Returns:
-    The exit status: 0 when every trial run (or skipped) is done, else 1.
-
-  Raises:
-    SweepError: The sweep file is invalid, or `trial` is out of range.
+  Returns the exit status: 0 when every trial run (or skipped) is done, else 1.
   """
   sweep = sweep_lib.load(sweep_path)
   workdir = pathlib.Path(workdir) if workdir else default_workdir(sweep)
@@ -220,15 +186,7 @@ def main(sweep_path, workdir=None, trial=None, *, extra_args=(), process_id: int
 def slurm_script(sweep: sweep_lib.Sweep, sweep_path, workdir, **slurm_kwargs) -> str:
   """An sbatch job array with one array task per trial (`--trial=$SLURM_ARRAY_TASK_ID`).
 
-  Args:
-    sweep: From `clm_jax.cluster.sweep.load`.
-    sweep_path: The sweep file, as the job will name it (relative to where it runs).
-    workdir: The sweep's directory, likewise.
-    **slurm_kwargs: For `clm_jax.cluster.slurm.sbatch_script` (`nodes` at least); the job name
-      defaults to `sweep-<name>`.
-
-  Returns:
-    The script text.
+  Paths are as the job will name them; `slurm_kwargs` go to `slurm.sbatch_script`.
   """
   slurm_kwargs.setdefault('job_name', f'sweep-{sweep.name}')
   args = [f'--config={sweep_path}', f'--workdir={workdir}', '--trial=$SLURM_ARRAY_TASK_ID']

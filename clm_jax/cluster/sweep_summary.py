@@ -1,9 +1,8 @@
 """What a sweep's trials reached: summary.csv, summary.md and loss_curves.png.
 
-Everything here is read from the trial directories (`metrics.jsonl`,
-`config.json`, `status.json`), so a summary can be written at any time, from a
-finished, interrupted or still running sweep. In `metrics.jsonl` a step logged
-twice (a trial resumed from an earlier checkpoint) counts once: the later line.
+Read from the trial directories alone, so a summary can be written at any time.
+A step logged twice (a trial resumed from an earlier checkpoint) counts once:
+the later line.
 """
 
 import csv
@@ -162,22 +161,12 @@ def plot(sweep, workdir: pathlib.Path, path: pathlib.Path) -> None:
 
 
 def summarize(sweep, workdir) -> list[dict]:
-  """Summarizes every trial of `sweep` under `workdir` and writes the summary files.
+  """Writes summary.csv, summary.md and loss_curves.png under `workdir`; prints the table.
 
-  Writes `workdir/summary.csv`, `workdir/summary.md` and `workdir/loss_curves.png`,
-  and prints the Markdown table.
-
-  Args:
-    sweep: A `clm_jax.cluster.sweep.Sweep`.
-    workdir: The sweep's directory, holding one directory per trial.
-
-  Returns:
-    One dict per trial, in trial order: `trial` (its name), one entry per key the
-    trials vary (its value, None where a trial leaves it to the base), `status`
-    ('done', 'failed', 'interrupted'; 'unfinished' when it was started but never
-    recorded, 'pending' when never started), `final_loss` (the last logged training
-    loss), `eval_loss` (the last held-out loss), `tokens_per_sec` (median over the
-    logged lines) and `steps` (the last logged step). Missing values are None.
+  Returns one dict per trial: `trial`, each varied key, `status` (also
+  'unfinished': started, never recorded; 'pending': never started),
+  `final_loss`, `eval_loss`, `tokens_per_sec` (median) and `steps`; None where
+  missing.
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)

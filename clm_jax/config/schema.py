@@ -1,9 +1,7 @@
 """Every configuration key of clm_jax, each with what it means.
 
-Other files in configs/ start from `get_config()` here and change only what
-differs. The config is locked: assigning a key that is not declared here (a
-typo) raises at once, and `clm_jax.config.validate` rejects inconsistent
-values before any device is touched.
+Other files in configs/ change only what differs. The config is locked, so a
+typo'd key raises at once; `clm_jax.config.validate` checks the values.
 """
 
 import ml_collections
@@ -61,14 +59,10 @@ def get_config() -> ml_collections.ConfigDict:
   t.log_every = 10  # Steps between metric lines.
   t.eval_every = 0  # Steps between held-out evaluations; 0 = only at the end.
   t.eval_batches = 4  # Held-out batches per evaluation; 0 disables evaluation.
-  # Code evaluation during training (greedy pass@1, sandboxed; process 0 logs
-  # eval/<task>_pass_at_1): steps between runs, 0 = never; the tasks, of humaneval
-  # and mbpp (3-shot, test split); the first N problems of each, 0 = all; tokens
-  # per completion at most.
-  t.code_eval_every = 0
-  t.code_eval_tasks = 'humaneval'
-  t.code_eval_problems = 0
-  t.code_eval_max_new_tokens = 384
+  t.code_eval_every = 0  # Steps between sandboxed greedy pass@1 code evals; 0 = never.
+  t.code_eval_tasks = 'humaneval'  # Comma-separated: humaneval, mbpp (3-shot, test split).
+  t.code_eval_problems = 0  # The first N problems of each task; 0 = all.
+  t.code_eval_max_new_tokens = 384  # Most tokens per completion.
   t.max_nonfinite = 10  # Consecutive non-finite steps (skipped) before the run stops.
   t.peak_tflops = 0.0  # Device bf16 peak for MFU; 0 = look up the device kind.
 
@@ -86,15 +80,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 1000  # Steps between checkpoints; the last step is always saved.
   c.checkpoint.keep = 3  # Recent checkpoints kept.
-  c.checkpoint.keep_period = (
-    0  # Also keep every checkpoint whose step is a multiple of this; 0 = none.
-  )
+  c.checkpoint.keep_period = 0  # Also keep steps that are multiples of this; 0 = none.
 
   c.data = d = ml_collections.ConfigDict()
-  # 'stdlib' = this interpreter's standard-library *.py files; 'files' = the source
-  # tree at data.path (both tokenized on the fly); 'prepared' = a `data prepare` output;
-  # 'instruct' = chat / prompt-completion JSONL at data.path, loss on the answers only.
-  d.source = 'stdlib'
+  d.source = 'stdlib'  # One of SOURCES; 'instruct' trains on the answers only.
   # Corpus root ('stdlib', 'files'), prepared directory, or instruction JSONL file or
   # directory (heldout*.jsonl held out); '' = stdlib default.
   d.path = ''
@@ -135,12 +124,7 @@ def flatten(c: ml_collections.ConfigDict, prefix: str = '') -> dict:
 
 
 def parse_mixture(text: str) -> dict[str, float]:
-  """Parses `data.mixture`, e.g. 'python:0.5,cpp:0.3,text:0.2', to weights.
-
-  Raises:
-    ValueError: Malformed entry, repeated or unknown language, or a weight
-      that is not positive.
-  """
+  """Parses `data.mixture`, e.g. 'python:0.5,cpp:0.3,text:0.2', to weights."""
   weights = {}
   for entry in filter(None, (e.strip() for e in text.split(','))):
     language, sep, weight = entry.partition(':')

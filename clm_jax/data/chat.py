@@ -1,39 +1,17 @@
 """Instruction dialogs in the CodeLlama-Instruct (LLaMA-2 chat) format.
 
-The template is Meta's `Llama.chat_completion`, which CodeLlama-Instruct was
-trained with: meta-llama/codellama llama/generation.py at e81b597, lines 59-60
-(the tags) and 323-360 (the dialog), the same as meta-llama/llama
-llama/generation.py at c9c493f. A system message is merged into the first user
-message as B_SYS + system + E_SYS + user, the dialog then alternates user /
-assistant, and each turn is encoded on its own, at once:
+The template is Meta's `Llama.chat_completion` (meta-llama/codellama
+llama/generation.py at e81b597, lines 59-60 and 323-360): the system message is
+merged into the first user message, and each turn is encoded on its own:
 
   complete pair:    [BOS] enc(f'{B_INST} {user.strip()} {E_INST} {answer.strip()} ') [EOS]
   final user turn:  [BOS] enc(f'{B_INST} {user.strip()} {E_INST}')
 
-so for a system prompt S, users U1 U2 and an answer A1 the model sees
-
-  <s>[INST] <<SYS>>\\nS\\n<</SYS>>\\n\\nU1 [/INST] A1 </s><s>[INST] U2 [/INST]
-
-Hugging Face's chat_template for codellama/CodeLlama-*-Instruct-hf writes the
-same text but tokenizes it whole; we encode per turn, as Meta's code does.
-Text cannot forge a turn: BOS and EOS are control pieces, never produced by
-encode(), and '[INST]' is ordinary text (Meta only flags such requests).
-
-Training masks: a token is a target iff it holds any character of the answer
-segment f' {answer} ', i.e. of the text from the space after E_INST to the
-end of the turn, plus the EOS that closes the turn. Each turn's text is still
-encoded at once, so the ids equal the reference's, and sentencepiece's proto
-output gives each piece's byte span in that text. (Tokenizers without it, and
-our Tokenizer on text holding a literal U+2581, which it encodes in parts, fall
-back to decoding prefixes of the ids; both ways agree.) Sentencepiece glues a
-space to the word after it ('▁def'), so the answer's first token usually holds
-that space and the answer starts exactly there; a token that straddled the
-boundary (']▁' in a tokenizer that merged across it) would count as answer,
-since the model has to produce it. The trailing space is part of the answer
-too: the reference puts it before every EOS, so the model must learn to emit
-it. Decoding a turn's masked tokens gives f' {answer} ' with our lossless
-tokenizers, and f'{answer} ' with a dummy-prefix one (LLaMA's), whose decode
-drops the leading space of the first piece.
+Hugging Face's chat_template tokenizes the dialog whole; we follow Meta. Text
+cannot forge a turn: BOS and EOS are control pieces that encode() never emits.
+The loss mask covers every token holding a character of f' {answer} ' (a token
+straddling the boundary counts: the model must produce it), plus the EOS; the
+trailing space is kept because the reference puts it before every EOS.
 """
 
 import collections
@@ -70,26 +48,14 @@ REASONS = (
 
 @dataclasses.dataclass(frozen=True)
 class Rendered:
-  """A tokenized training dialog.
-
-  Attributes:
-    tokens: int32 [T]: each turn's BOS, text and (complete turns) EOS.
-    loss_mask: int32 [T], 1 on the assistant answers' tokens and the EOS that
-      closes each answer, 0 on BOS, [INST] ... [/INST], system and user text.
-  """
+  """A tokenized training dialog: int32 [T] tokens, and 1 on the answers and their EOS."""
 
   tokens: np.ndarray
   loss_mask: np.ndarray
 
 
 class BadRecord(ValueError):
-  """A dialog or JSONL record that cannot be used.
-
-  Attributes:
-    reason: One of REASONS, a short slug to count skips by.
-    detail: What is wrong, for people.
-    source: Where the record came from, e.g. 'sft.jsonl:12'; '' if not a file.
-  """
+  """An unusable dialog or record: `reason` (of REASONS), `detail`, `source` ('file:line' or '')."""
 
   def __init__(self, reason: str, detail: str, source: str = ''):
     super().__init__(reason, detail, source)
@@ -105,17 +71,9 @@ class BadRecord(ValueError):
 def render(messages: Sequence[dict], tokenizer: tokenizer_lib.Tokenizer) -> Rendered:
   """Tokenizes a training dialog with its loss mask (see the module docstring).
 
-  Args:
-    messages: {'role', 'content'} dicts: an optional system message, then
-      user / assistant alternating, ending with an assistant answer.
-    tokenizer: Any sentencepiece tokenizer, with or without a dummy prefix.
-
-  Returns:
-    The tokens, equal to Meta's chat_completion prompt for the same dialog
-    plus the final answer and its EOS, and the mask of the answers.
-
-  Raises:
-    BadRecord: The dialog breaks the format; `reason` says how.
+  `messages` ends with an assistant answer; the tokens equal Meta's prompt for
+  the same dialog plus that answer and its EOS. Raises BadRecord (`reason` says
+  why) if the dialog breaks the format.
   """
   tokens, mask = [], []
   for user, answer in _turns(messages, final='assistant'):
@@ -127,15 +85,9 @@ def render(messages: Sequence[dict], tokenizer: tokenizer_lib.Tokenizer) -> Rend
 
 
 def prompt_tokens(messages: Sequence[dict], tokenizer: tokenizer_lib.Tokenizer) -> list[int]:
-  """The ids that prompt a model for the next answer, as Meta's chat_completion.
+  """The ids that prompt for the next answer, as Meta's chat_completion.
 
-  Args:
-    messages: An optional system message, then user / assistant alternating,
-      ending with the user message to answer.
-    tokenizer: The model's tokenizer.
-
-  Raises:
-    BadRecord: The dialog breaks the format, or does not end with a user turn.
+  Raises BadRecord if the dialog breaks the format or does not end with a user turn.
   """
   tokens = []
   for user, answer in _turns(messages, final='user'):
@@ -148,15 +100,12 @@ def prompt_tokens(messages: Sequence[dict], tokenizer: tokenizer_lib.Tokenizer) 
 
 
 def from_record(record) -> list[dict]:
-  """The training dialog of one JSONL record.
+  """The checked training dialog of one JSONL record.
 
   Args:
     record: {'prompt', 'completion'} with an optional 'system' (None or '' mean
-      none), or {'messages': [{'role', 'content'}, ...]}; other keys are
-      ignored, and 'messages' wins where both forms are present.
-
-  Returns:
-    New {'role', 'content'} dicts, checked as render() needs them.
+      none), or {'messages': [{'role', 'content'}, ...]}, which wins where both
+      are present; other keys are ignored.
 
   Raises:
     BadRecord: Not a usable training dialog; `reason` is one of REASONS.
@@ -187,18 +136,8 @@ def read_jsonl(
 ) -> Iterator[list[dict] | sources.Skipped]:
   """Streams the dialogs of JSONL (or .jsonl.gz) files, in order.
 
-  Blank lines are ignored. Each unusable line gives a `sources.Skipped` whose
-  source is 'path:line', so callers count skips by reason.
-
-  Args:
-    paths: One file or several.
-    strict: Raise on the first unusable line instead of skipping it.
-
-  Yields:
-    Each record's dialog (see from_record), or a Skipped.
-
-  Raises:
-    BadRecord: Only when `strict`; its message names the file and line.
+  Blank lines are ignored; an unusable line yields a `sources.Skipped` with
+  source 'path:line', or with `strict` raises BadRecord naming file and line.
   """
   if isinstance(paths, str | os.PathLike):
     paths = [paths]
@@ -213,12 +152,7 @@ def records_to_examples(
   paths: str | os.PathLike | Iterable[str | os.PathLike],
   tokenizer: tokenizer_lib.Tokenizer,
 ) -> tuple[list[Rendered], collections.Counter]:
-  """Reads and renders every dialog of small JSONL files, in memory.
-
-  Returns:
-    The rendered dialogs in file order, and the count of skipped lines by
-    reason (empty when every line was usable).
-  """
+  """Renders every dialog of small JSONL files; returns them and skip counts by reason."""
   examples, skipped = [], collections.Counter()
   for item in read_jsonl(paths):
     if isinstance(item, sources.Skipped):
@@ -254,11 +188,8 @@ def _read_file(path: str) -> Iterator[list[dict] | BadRecord]:
 def _turns(messages: Sequence[dict], *, final: str) -> list[tuple[str, str | None]]:
   """Checks a dialog and pairs it into (user, answer) turns, as Meta does.
 
-  The system message is merged into the first user content. The last pair's
-  answer is None when `final` is 'user'.
-
-  Raises:
-    BadRecord: See from_record for the reasons.
+  The system message is merged into the first user content; the last answer is
+  None when `final` is 'user'.
   """
   if not messages:
     raise BadRecord('empty', 'the dialog has no messages')
@@ -311,11 +242,8 @@ def _encode_marked(
 def _byte_ends(tokenizer, text: str, ids: list[int]) -> list[int] | None:
   """Each token's end byte offset in `text`, None where sentencepiece cannot say.
 
-  Sentencepiece's proto output gives every piece's [begin, end) in bytes of the
-  input (a dummy prefix is an empty piece at 0). Our Tokenizer encodes text
-  holding a literal U+2581 in parts, so its ids then differ from one call's;
-  those texts, and tokenizers without a `_sp` processor, use the decoding
-  fallback.
+  None also when the ids differ from one proto call's: our Tokenizer encodes
+  text holding a literal U+2581 in parts.
   """
   processor = getattr(tokenizer, '_sp', None)
   if processor is None:
@@ -329,14 +257,10 @@ def _byte_ends(tokenizer, text: str, ids: list[int]) -> list[int] | None:
 
 
 def _marks_by_decoding(tokenizer, ids: list[int], boundary: int) -> list[int]:
-  """Marks tokens past `boundary` characters using only decode().
+  """Marks tokens past `boundary` characters using only decode(), by bisection.
 
-  Decoding the first k tokens gives a prefix of the text (a dummy prefix's
-  space is dropped, and the text starts with '[INST]'), up to a few U+FFFD for
-  a character cut inside its bytes. The prompt ends in ' [/INST]', ASCII, so
-  such a cut inside the prompt stays below `boundary`, and every prefix
-  reaching into the answer holds its first space: the answer's first token is
-  the first k whose prefix is longer than `boundary`, found by bisection.
+  Decoded prefixes may end in U+FFFD for a character cut inside its bytes; the
+  prompt ends in ASCII ' [/INST]', so such cuts stay below `boundary`.
   """
   low, high = 0, len(ids)  # The first answer token lies in [low, high].
   while low < high:

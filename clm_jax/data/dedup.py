@@ -1,13 +1,9 @@
 """Exact and near deduplication of documents.
 
-Workers fingerprint each document with `content_hash` (exact) and `signature`
-(MinHash of its word 5-gram shingles); one `Deduplicator` in the main process
-then sees the fingerprints in a fixed order and keeps the first of each group
-of copies. Near copies are found with datasketch's MinHash LSH, and every LSH
-candidate is verified against the Jaccard threshold before it counts.
-
-Signatures are only comparable when computed by the same code with the same
-datasketch version (the permutation scheme and seed are fixed here).
+Workers fingerprint documents (`content_hash`, and `signature`: MinHash of word
+5-grams); one `Deduplicator` sees them in a fixed order and keeps the first of
+each group of copies, verifying every MinHash LSH candidate against the Jaccard
+threshold. Signatures compare only across the same code and datasketch version.
 """
 
 import functools
@@ -41,34 +37,16 @@ NEAR_DUPLICATE = 'near_duplicate'
 
 
 def content_hash(text: str) -> bytes:
-  """SHA-256 digest of the document's exact UTF-8 bytes, for exact deduplication.
-
-  Lone surrogates (from undecodable input) are encoded as they are rather than
-  raising, so every str has a digest.
-  """
+  """SHA-256 of the document's UTF-8 bytes; lone surrogates pass, so every str has one."""
   return hashlib.sha256(text.encode('utf-8', 'surrogatepass')).digest()
 
 
 def signature(text: str, *, num_perm: int = 128, ngram: int = 5) -> np.ndarray:
-  """MinHash signature of the document's word n-gram shingles.
+  """MinHash signature (np.uint64 [num_perm]) of the document's word n-grams.
 
-  Words are the text split on non-identifier characters (regex \\W+), so that
-  differences in whitespace, indentation and punctuation matter little. Each
-  run of `ngram` consecutive words is a shingle; a document with fewer words
-  is one shingle of all its words (none: the empty shingle). The signature is
-  deterministic across processes and machines: it uses no salted hash(), only
-  BLAKE2b, fixed constants and datasketch's seeded permutations.
-
-  Args:
-    text: The document.
-    num_perm: MinHash permutations, i.e. the signature's length.
-    ngram: Words per shingle.
-
-  Returns:
-    np.uint64 array of shape [num_perm], to compare with `Deduplicator`.
-
-  Raises:
-    ValueError: `num_perm` or `ngram` is out of range.
+  Words split on \\W+, so whitespace and punctuation matter little; a document
+  shorter than `ngram` words is one shingle. Deterministic across processes and
+  machines: no salted hash(), only BLAKE2b and seeded permutations.
   """
   if ngram < 1:
     raise ValueError(f'ngram={ngram} must be positive.')
@@ -85,24 +63,12 @@ def signature(text: str, *, num_perm: int = 128, ngram: int = 5) -> np.ndarray:
 class Deduplicator:
   """Keeps the first occurrence of each document; later exact or near copies are reported.
 
-  A document is an exact duplicate when its content hash equals that of any
-  earlier checked document, and a near duplicate when the Jaccard similarity
-  estimated from the signatures of it and an earlier kept document is at least
-  `threshold`. Only kept documents enter the LSH index (each once), so a
+  Near duplicate: estimated Jaccard similarity to an earlier kept document of at
+  least `threshold`, in (0, 1]. Only kept documents enter the LSH index, so a
   document is compared with the first of each group of copies.
   """
 
   def __init__(self, *, threshold: float = 0.85, num_perm: int = 128):
-    """Creates an empty index.
-
-    Args:
-      threshold: Jaccard similarity in (0, 1] from which a document is a near
-        duplicate.
-      num_perm: Length of the signatures that `check` takes.
-
-    Raises:
-      ValueError: `threshold` or `num_perm` is out of range.
-    """
     if not 0 < threshold <= 1:
       raise ValueError(f'threshold={threshold} must be in (0, 1].')
     if isinstance(num_perm, bool) or not isinstance(num_perm, int) or num_perm < 2:
@@ -124,20 +90,8 @@ class Deduplicator:
   def check(self, key: str, digest: bytes, sig: np.ndarray) -> str | None:
     """Checks a document against the earlier ones; remembers it if it is kept.
 
-    Args:
-      key: The document's name in the index; must differ from the keys of
-        kept documents.
-      digest: `content_hash` of the document.
-      sig: `signature` of the document, computed with `num_perm`.
-
-    Returns:
-      'exact_duplicate' or 'near_duplicate' if an earlier document matches,
-      else None (the document is kept).
-
-    Raises:
-      ValueError: `sig` is no uint64 array of `num_perm` values, or `key` is
-        already kept.
-      TypeError: `digest` is not bytes.
+    Returns EXACT_DUPLICATE or NEAR_DUPLICATE, or None when kept. `key` must
+    differ from the keys of kept documents.
     """
     if not isinstance(digest, bytes):
       raise TypeError(f'digest must be bytes, got {type(digest).__name__}.')
@@ -171,8 +125,8 @@ def _words(text: str) -> list[bytes]:
 def _shingle_hashes(words: list[bytes], ngram: int) -> np.ndarray:
   """The distinct 64-bit hashes of the word n-grams (the whole sequence if shorter).
 
-  Each distinct word is hashed once; a shingle's hash is the sum of its word
-  hashes times per-position multipliers, mod 2^64, for all shingles at once.
+  A shingle's hash is the sum of its word hashes times per-position multipliers,
+  mod 2^64: each distinct word is hashed once, all shingles at once.
   """
   unique = dict.fromkeys(words)
   for word in unique:
@@ -192,11 +146,7 @@ def _word_hash(word: bytes) -> int:
 
 @functools.cache
 def _position_multipliers(ngram: int) -> np.ndarray:
-  """Fixed odd 64-bit multipliers, one per position in a shingle.
-
-  Distinct per position, so that the same words in another order hash
-  differently; odd, so that each product keeps all the bits of its word hash.
-  """
+  """Per-position shingle multipliers: distinct, so order matters; odd, so no bits are lost."""
   return np.array(
     [_word_hash(b'position %d' % position) | 1 for position in range(ngram)], np.uint64
   )

@@ -1,22 +1,14 @@
 """Fill-in-the-middle (FIM) as CodeLlama trains it, after Bavarian et al. 2022.
 
-With probability `fim_rate` a document is cut at two character positions,
-drawn independently and uniformly from [0, len(text)] and sorted, into
-prefix / middle / suffix, and rearranged so that the middle comes last:
+A document is cut at two uniform character positions and laid out as
 
   PSM: <PRE> enc(prefix) <SUF> enc(suffix) <MID> enc(middle) <EOT>
   SPM: <PRE> <SUF> enc(suffix) <MID> enc(prefix) enc(middle) <EOT>
 
-SPM is chosen with probability `spm_rate` (CodeLlama: half of them). Each part
-is encoded on its own because an infilling prompt's parts are encoded on their
-own at inference, and the model must see the same tokens in training. Cuts
-are str indices, i.e. between code points, so no part ends inside a UTF-8
-sequence. BOS/EOS are not added here: the caller wraps every document, FIM or
-not, in [bos] ... [eos].
-
-Every call draws a fixed number of doubles from the generator whichever way it
-goes (`Generator.integers` may redraw on rejection, `random` never does), so
-a pipeline's later randomness does not depend on earlier documents.
+Each part is encoded on its own, as an infilling prompt's parts are at
+inference. Every call draws a fixed number of doubles (`random`, never the
+rejection-sampling `integers`), so later randomness does not depend on earlier
+documents. The caller adds BOS/EOS.
 """
 
 import math
@@ -30,15 +22,7 @@ _PERMUTE_DRAWS = 3
 
 
 def check_tokenizer(tokenizer: tokenizer_lib.Tokenizer) -> None:
-  """Checks that `tokenizer` has all four infilling sentinels.
-
-  Args:
-    tokenizer: The tokenizer FIM documents will be encoded with.
-
-  Raises:
-    ValueError: Some sentinel is missing; the message names the missing
-      pieces.
-  """
+  """Raises ValueError naming the infilling sentinels `tokenizer` lacks, if any."""
   missing = [
     tokenizer_lib.SENTINEL_PIECES[role]
     for role in tokenizer_lib.SENTINEL_PIECES
@@ -61,20 +45,10 @@ def permute(
   *,
   spm_rate: float = 0.5,
 ) -> np.ndarray:
-  """Always applies FIM to one document.
+  """Always applies FIM to one document, drawing exactly 3 doubles from `rng`.
 
-  Args:
-    text: The document.
-    rng: Draws the two cut positions and the layout; exactly 3 doubles.
-    tokenizer: Encodes the parts; must have all four sentinels.
-    spm_rate: Probability of the SPM layout rather than PSM.
-
-  Returns:
-    int32 ids in PSM or SPM layout (see the module docstring), without BOS or
-    EOS. An empty text gives the four sentinels around empty parts.
-
-  Raises:
-    ValueError: `spm_rate` is not in [0, 1], or a sentinel is missing.
+  Returns int32 ids in PSM or SPM layout, without BOS or EOS; an empty text
+  gives the four sentinels around empty parts.
   """
   _check_rate(spm_rate, 'data.fim_spm_rate')
   check_tokenizer(tokenizer)
@@ -89,28 +63,11 @@ def maybe_permute(
   fim_rate: float,
   spm_rate: float = 0.5,
 ) -> np.ndarray:
-  """Applies FIM to a document's ids with probability `fim_rate`.
+  """Applies FIM to a document's ids (no BOS or EOS) with probability `fim_rate`.
 
-  Always draws 4 doubles from `rng`: one for the FIM decision, then the 3 of
-  permute(), so with fim_rate=1 the result equals permute() on a generator
-  that had one double drawn first.
-
-  Args:
-    tokens: The document's ids, without BOS or EOS.
-    rng: The generator for the decision, the cuts and the layout.
-    tokenizer: Decodes `tokens` and encodes the parts. Sentinels are checked
-      whenever fim_rate > 0, so a bad tokenizer fails on the first document
-      rather than on the first one drawn for FIM.
-    fim_rate: Probability of applying FIM (`data.fim_rate`).
-    spm_rate: Probability of SPM among FIM documents (`data.fim_spm_rate`).
-
-  Returns:
-    int32 ids: the FIM layout, or `tokens` unchanged. An empty document is
-    always returned unchanged, as FIM would only add sentinels to it.
-
-  Raises:
-    ValueError: A rate is not in [0, 1], `tokens` is not 1-D, or fim_rate > 0
-      and a sentinel is missing.
+  Always draws 4 doubles: the decision, then permute()'s 3. Sentinels are
+  checked whenever fim_rate > 0, so a bad tokenizer fails on the first document,
+  not the first one drawn for FIM. An empty document is returned unchanged.
   """
   _check_rate(fim_rate, 'data.fim_rate')
   _check_rate(spm_rate, 'data.fim_spm_rate')
@@ -128,17 +85,8 @@ def maybe_permute(
 def restore(ids: np.ndarray, tokenizer: tokenizer_lib.Tokenizer) -> str:
   """Returns the document a FIM sequence came from: prefix + middle + suffix.
 
-  Args:
-    ids: PSM or SPM ids as permute() makes them (no BOS or EOS), or ids with
-      no sentinels at all.
-    tokenizer: The tokenizer that made `ids`.
-
-  Returns:
-    The original text, or decode(ids) for ids without sentinels.
-
-  Raises:
-    ValueError: `ids` hold sentinels but not in PSM or SPM layout, or the
-      tokenizer lacks some sentinel.
+  Ids without sentinels are just decoded; ids holding sentinels in another
+  layout than permute()'s raise ValueError.
   """
   ids = np.asarray(ids).reshape(-1)
   present = [i for i in tokenizer.sentinels.values() if i is not None]

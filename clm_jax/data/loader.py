@@ -1,29 +1,12 @@
 """The Grain input pipeline: documents to packed batches of token ids.
 
-  documents of a split, per language (ArrayRecord shards of `data prepare`,
-  or source files tokenized on the fly)
-  -> (train) seeded shuffle, a new order every epoch, repeat
-  -> weighted mixture over languages (`data.mixture`)
-  -> fill-in-the-middle with probability `data.fim_rate`, then [bos] ... [eos]
-  -> S = `data.streams` packed streams (stream s takes every S-th document):
-     concat-then-split into rows of seq_len
-  -> a global batch of B rows is B/S consecutive rows of each stream in turn
-  -> this process reads only the streams behind its rows of the global batch
-  -> `data.workers` processes -> prefetch
-
-The global batches are a function of the config alone: the same on one
-process or many, so a run's losses do not depend on how many hosts feed it,
-and each process reads only its share of the documents.
-
-Every step before packing is a MapDataset, i.e. a pure function of the index,
-so the only iterator state is positions; Grain's get_state()/set_state() save
-and restore it and a resumed run sees exactly the batches it would have.
-
-Each row holds whole documents and pieces of documents back to back; a long
-document continues in the stream's next row, never truncated. `segment_ids`
-number them 1, 2, ... within the row (0 marks padding, which only the end of
-a non-repeating dataset has) and `positions` restart at 0 in every segment,
-so attention and RoPE never cross a document boundary.
+Documents per language -> (train) shuffle, repeat, mix by `data.mixture` -> FIM,
+[bos] ... [eos] -> `data.streams` packed streams -> each global batch takes B/S
+rows of every stream. Batches depend on the config alone, not on the process
+count, and everything before packing is a MapDataset, so the iterator state is
+positions and a resumed run sees exactly the batches it would have. Long
+documents continue in the next row; `segment_ids` (0 = padding) and `positions`
+restart per document, so attention and RoPE never cross one.
 """
 
 import functools
@@ -59,28 +42,20 @@ def make_dataset(
   """Builds the packed, batched dataset of one split, or a process's rows of it.
 
   Args:
-    c_data: The `data` config subtree.
-    tokenizer: Encodes raw documents; its bos/eos wrap each document, its
-      sentinels mark infilling, and its pad id fills padding.
-    seq_len: Tokens per row (T).
     batch_size: Rows per global batch (B), over all processes.
-    split: 'train' (shuffled with `seed`, reshuffled every epoch, mixed by
-      `data.mixture`) or 'heldout' (documents in fixed order, not mixed).
-    seed: Seeds the shuffle and fill-in-the-middle.
+    split: 'train' (shuffled, reshuffled every epoch, mixed) or 'heldout'
+      (fixed order, not mixed).
     rows: The rows [lo, hi) of every global batch to make (this process's
       share, `sharding.process_rows`); default all of them.
-    repeat: Cycle through the documents forever; else stop after one pass
-      (the last, partial batch is dropped).
+    repeat: Cycle forever; else one pass, dropping the last partial batch.
 
   Returns:
-    An IterDataset of {'tokens', 'segment_ids', 'positions'}, each an int32
-    array of shape [hi - lo, seq_len].
+    An IterDataset of {'tokens', 'segment_ids', 'positions'} (plus 'loss_mask'
+    for instructions), each int32 [hi - lo, seq_len].
 
   Raises:
-    ValueError: Bad split, rows or sizes.
-    records.DataError: The data lacks a language the mixture names, or a
-      language has no documents, or is missing, corrupt, or made with another
-      tokenizer.
+    records.DataError: The data is missing, empty, corrupt, lacks a language
+      the mixture names, or was made with another tokenizer.
   """
   if split not in SPLITS:
     raise ValueError(f'split={split!r} must be one of {SPLITS}.')
@@ -171,9 +146,8 @@ def make_dataset(
 class ConcatIterDataset(grain.IterDataset):
   """Batches of several datasets concatenated along the rows; ends with the first to end.
 
-  Grain's InterleaveIterDataset alternates elements instead, prefetches its
-  parents in threads, and under mp_prefetch hands whole parents to workers (a
-  worker with none fails). Here the state is just every parent's own state.
+  Not Grain's InterleaveIterDataset: that alternates elements, and under
+  mp_prefetch hands whole parents to workers (a worker with none fails).
   """
 
   def __init__(self, parents: list[grain.IterDataset]):
@@ -203,10 +177,8 @@ def _rows(batch: dict, *, start: int, stop: int) -> dict:
 def _untangle_json(state):
   """Undoes what a JSON round trip does to ConcatThenSplit's state.
 
-  Checkpoints store iterator states as JSON, which turns the packer's
-  'remainder_slices' tuples into lists; Grain 0.2.18 then compares them with
-  its (-1, -1) "no remainder" tuple, takes every state for one with a
-  remainder, and resumes at the wrong row.
+  JSON turns 'remainder_slices' tuples into lists, which Grain 0.2.18 never
+  equates with its (-1, -1) "no remainder", so it resumes at the wrong row.
   """
   if isinstance(state, dict):
     return {
@@ -236,10 +208,7 @@ def _packed_stream(ds: grain.MapDataset, seq_len: int, c_data) -> grain.IterData
 def document_groups(
   c_data: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer, split: str
 ) -> dict[str, grain.MapDataset]:
-  """The documents of a split by language, each a MapDataset of int32 ids.
-
-  Ids exclude BOS and EOS. Nothing is read until an element is asked for.
-  """
+  """The documents of a split by language, each a lazy MapDataset of int32 ids (no BOS/EOS)."""
   if c_data.source == 'instruct':
     examples, skipped = chat.records_to_examples(instruct_files(c_data, split), tokenizer)
     if skipped:

@@ -1,25 +1,9 @@
 """SentencePiece BPE tokenizer for code: train, cache, load, special ids.
 
-Trained models are lossless: `decode(encode(text)) == text` for any str
-(tabs, CRLF, runs of spaces, blank lines, emoji, control characters). That
-takes identity normalisation, no dummy prefix, no whitespace squeezing, and
-byte fallback so no character is ever `<unk>`.
-
-Ids are fixed as in LLaMA where LLaMA has them, then ours:
-
-  0 <unk>  1 <s> (BOS)  2 </s> (EOS)  3 <pad>  4 <PRE>  5 <SUF>  6 <MID>  7 <EOT>
-
-then the 256 byte pieces, then learned pieces. PAD and the infilling sentinels
-are *control* symbols, not user-defined ones: the literal text '<PRE>' in a
-source file encodes as ordinary pieces ('<', 'P', 'RE', '>') and round-trips,
-so data can never forge a sentinel. Only code that asks for
-`tokenizer.sentinels['prefix']` emits one, and decode() drops them (as it
-drops BOS and EOS).
-
-Newlines: training sentences are chunks of whole lines with their '\\n' kept
-(sentencepiece reads sentences from memory, so a sentence may hold newlines).
-Whitespace runs split words, so indentation is learned as whitespace-only
-pieces ('▁▁▁▁', '▁▁▁▁▁▁▁▁') and line ends as pieces like '):\\n' and '\\n\\n'.
+Trained models are lossless (`decode(encode(text)) == text` for any str) and
+fix the ids 0 <unk> 1 <s> 2 </s> 3 <pad> 4 <PRE> 5 <SUF> 6 <MID> 7 <EOT>, then
+256 byte pieces, then learned ones. The sentinels are control symbols, so the
+literal text '<PRE>' encodes as ordinary pieces: data can never forge one.
 """
 
 import hashlib
@@ -40,11 +24,11 @@ from sentencepiece import sentencepiece_model_pb2
 
 from clm_jax.data import sources
 
-# Infilling sentinels by role, as `sentinels` names them, and their pieces.
 # The sentencepiece model's file name beside a run, a params-only checkpoint, a
 # Hugging Face directory and prepared data.
 TOKENIZER_FILE = 'tokenizer.model'
 
+# Infilling sentinels by role, as `sentinels` names them, and their pieces.
 SENTINEL_PIECES = {
   'prefix': '<PRE>',
   'suffix': '<SUF>',
@@ -84,10 +68,8 @@ _TRAINER_OPTIONS = dict(
 class Tokenizer:
   """A loaded sentencepiece model with the ids the trainer and data need.
 
-  Attributes:
-    path: The .model file it was loaded from.
-    sentinels: Infilling ids by role ('prefix', 'suffix', 'middle', 'eot'),
-      None where the model has no such piece (e.g. a LLaMA-2 tokenizer).
+  `sentinels` maps 'prefix', 'suffix', 'middle', 'eot' to ids, None where the
+  model has no such piece (e.g. a LLaMA-2 tokenizer).
   """
 
   def __init__(self, processor: spm.SentencePieceProcessor, path: str):
@@ -173,12 +155,7 @@ def from_bytes(proto: bytes, path: str) -> Tokenizer:
 
 
 def load(path: str | os.PathLike) -> Tokenizer:
-  """Loads any sentencepiece model, e.g. ours or CodeLlama's tokenizer.model.
-
-  Raises:
-    FileNotFoundError: No file at `path`.
-    ValueError: The file is not a sentencepiece model.
-  """
+  """Loads any sentencepiece model, e.g. ours or CodeLlama's tokenizer.model."""
   path = pathlib.Path(path).expanduser()
   if not path.is_file():
     raise FileNotFoundError(f'No sentencepiece tokenizer model at {path}.')
@@ -201,17 +178,10 @@ def train(
   """Trains a lossless BPE tokenizer for code and writes it atomically.
 
   Args:
-    texts: Documents (whole files); each is cut at line boundaries into
-      sentences of at most `max_sentence_length` bytes, newlines kept.
-    model_path: Where the .model file goes. It is written under a temporary
-      name and renamed, so readers never see half a model.
+    texts: Documents, cut at line boundaries (newlines kept) into sentences
+      of at most `max_sentence_length` bytes: sentencepiece silently skips
+      longer ones.
     vocab_size: Pieces in the model, the 8 special ones and 256 bytes included.
-    max_sentence_length: Longest sentence in bytes; sentencepiece would
-      silently skip longer ones, so texts are cut below it.
-    verbose: Show sentencepiece's own progress log (each merge round).
-
-  Returns:
-    The trained tokenizer, loaded from `model_path`.
   """
   model_path = pathlib.Path(model_path).expanduser()
   model_path.parent.mkdir(parents=True, exist_ok=True)
@@ -256,19 +226,9 @@ def train_on_inputs(
 ) -> Tokenizer:
   """Trains on a uniform sample of at most `sample_mb` MiB of any inputs.
 
-  The inputs are read once, streaming, and only the sample is held in memory,
-  so the corpus may be far larger than RAM. Unusable inputs (binary, bad
-  UTF-8, malformed JSON) are skipped, as `data prepare` skips them.
-
-  Args:
-    inputs: Directories, JSONL(.gz) or Parquet files (see sources.list_units).
-    model_path: Where the .model file goes.
-    vocab_size: Pieces in the model.
-    sample_mb: Megabytes of text to train on, sampled uniformly by a hash of
-      each document's content (the same sample whatever the input order).
-    read_options: Fields of JSONL / Parquet records; None = the defaults.
-    languages: Only documents of these languages; () = all.
-    verbose: Print reading progress and sentencepiece's training log.
+  `inputs` (see sources.list_units) are streamed once and only the sample is
+  held, so the corpus may be far larger than RAM; unusable documents are
+  skipped as `data prepare` skips them. `languages=()` keeps all.
   """
   units = sources.list_units(inputs)
   read_options = read_options or sources.ReadOptions()
@@ -302,9 +262,7 @@ def train_on_inputs(
 def sample_texts(texts: Iterable[str], max_bytes: int) -> list[str]:
   """A uniform sample of texts, at most max_bytes in all, in bounded memory.
 
-  Keeps the texts whose content hashes are smallest (bottom-k sampling by
-  size): one pass, memory about max_bytes, and the same sample whatever order
-  the texts come in.
+  Bottom-k by content hash: one pass, and the same sample whatever the order.
   """
   heap, total = [], 0  # Max-heap on the hash, as (-hash, text).
   for text in texts:
@@ -327,20 +285,12 @@ def for_corpus(
 ) -> Tokenizer:
   """Returns the tokenizer for a corpus: `data.tokenizer`, or a default.
 
-  For prepared data the default is the directory's tokenizer.model.
-  Without `data.tokenizer`, trains on about `data.tokenizer_sample_mb` MiB of
-  the training split (never the held-out files) once, and caches the model
-  under a key of everything that changes it.
-
-  Args:
-    c_data: The `data` config subtree.
-    vocab_size: `model.vocab_size`; a trained model gets exactly this many
-      pieces, a given one may have fewer (the embedding has spare rows).
-    cache_dir: Where trained models are cached; default
-      $CLM_JAX_CACHE/tokenizers, else ~/.cache/clm_jax/tokenizers.
-
-  Raises:
-    ValueError: The given tokenizer has more pieces than `vocab_size`.
+  For prepared data the default is the directory's tokenizer.model; otherwise
+  one is trained once on the training split (never the held-out files) and
+  cached under a key of everything that changes it, in `cache_dir` (default
+  $CLM_JAX_CACHE/tokenizers, else ~/.cache/clm_jax/tokenizers). A given
+  tokenizer may have fewer pieces than `vocab_size` (spare embedding rows),
+  never more.
   """
   given, key = c_data.tokenizer, 'data.tokenizer'
   if c_data.source == 'prepared' and not given:

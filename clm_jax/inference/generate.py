@@ -1,26 +1,11 @@
 """Generation with a KV cache: one jit runs the prefill and the decode loop.
 
-Axis alphabet as in `clm_jax.model.layers`, plus P padded prompt length, M new
-tokens per row, S cache slots.
-
-Prompts are left-padded. Every row's last prompt token then sits in slot
-P - 1 and decode step i writes slot P + i - 1 of every row at once, so the
-cache is written with one dynamic_update_slice per layer and step and the
-prefill's next-token logits are at one position for all rows. (Right padding
-would need a per-row scatter and a per-row gather of the last logits.) Each
-row pays for its padding with an offset instead: rotary positions count
-from its first real token, so RoPE sees 0, 1, ... for every prompt, and the
-attention mask hides pad slots from real tokens. Pad queries see only pad
-keys, so no softmax row is empty; their outputs are never read.
-
-The decode loop is a `jax.lax.while_loop` in the same jit as the prefill:
-one compiled program per call, no host round trip per token, and the loop
-ends as soon as every row has emitted a stop id. A program is compiled per
-distinct (cfg, batch size, padded prompt length, new tokens, sampling
-settings, stop ids, pad id).
-
-Prompts are token ids as given: callers add BOS themselves (training
-documents start with it); `format_infill` does so for infilling.
+Axis letters as in `clm_jax.model`, except P padded prompt length, M new tokens
+per row, S cache slots. Prompts are left-padded so that every row writes the
+same cache slot per step (one dynamic_update_slice, no per-row scatter); RoPE
+positions count from each row's first real token, and pad slots are masked.
+The decode loop is a while_loop in the same jit: no host round trip per token
+(one compile per batch shape and setting). Callers add BOS (`format_infill` does).
 """
 
 import contextlib
@@ -51,36 +36,17 @@ def generate(
   seed: int = 0,
   max_len: int | None = None,
 ) -> list[list[int]]:
-  """Continues each prompt; returns only the new tokens of each row.
+  """Continues each prompt; returns each row's new tokens, up to its first stop id (excluded).
 
   Args:
-    cfg: The model's config.
-    params: Its parameters in plain layer order (as `model.init` makes them),
-      on one device or sharded on a mesh; the jit keeps their shardings.
-    prompts: Token ids per row, of any lengths (each at least 1), or a 2-D
-      array of equal-length rows.
-    max_new_tokens: The most tokens generated per row.
-    temperature: 0 is greedy (argmax); above 0 samples from
-      softmax(logits / temperature) after the top-k and top-p filters.
-    top_k: Sample among the k most likely tokens only; 0 = all.
-    top_p: Sample among the smallest set of most likely tokens whose
-      probability reaches top_p (nucleus sampling); 1 = all.
-    stop_ids: A row stops at the first of these it generates; the stop id is
-      not returned.
-    pad_id: Fills the left padding (never attended) and finished rows.
-    seed: The sampling PRNG seed. One key draws the whole batch per step, so
-      a row's samples depend on the batch it is in, never on anything else.
-    max_len: The most tokens (prompt + new) a row of the batch may hold; None
-      = longest prompt + max_new_tokens. Positions beyond `cfg.max_seq_len`
-      are allowed (RoPE extrapolates), but were not trained on.
-
-  Returns:
-    Per row, the generated ids up to the first stop id (excluded), at most
-    max_new_tokens of them.
-
-  Raises:
-    ValueError: An empty prompt, an id outside the vocabulary, a bad sampling
-      setting, or no room under max_len for one new token.
+    params: In plain layer order (as `model.init` makes them), on one device or
+      sharded on a mesh; the jit keeps their shardings.
+    temperature: 0 is greedy; above 0 samples after the top-k and top-p filters
+      (0 and 1 turn those off).
+    seed: One key draws the whole batch per step, so a row's samples depend on
+      the batch it is in.
+    max_len: The most tokens (prompt + new) per row; None = longest prompt +
+      max_new_tokens. Beyond `cfg.max_seq_len` RoPE extrapolates, untrained.
   """
   tokens_BP, pad_B = pad_left(prompts, pad_id, cfg.vocab_size)
   P = tokens_BP.shape[1]
@@ -113,16 +79,9 @@ def generate(
 def format_infill(
   tokenizer: tokenizer_lib.Tokenizer, prefix: str, suffix: str, spm: bool = False
 ) -> list[int]:
-  """The infilling prompt, laid out as `clm_jax.data.fim` trains on it.
+  """The infilling prompt: [BOS] + `clm_jax.data.fim`'s layout up to the middle.
 
-  PSM: [BOS] <PRE> enc(prefix) <SUF> enc(suffix) <MID>
-  SPM: [BOS] <PRE> <SUF> enc(suffix) <MID> enc(prefix)
-
-  which is CodeLlama's `infilling_prompt_tokens`. The model then writes the
-  middle and <EOT>. Parts are encoded separately, as in training.
-
-  Raises:
-    ValueError: The tokenizer lacks an infilling sentinel.
+  As CodeLlama's `infilling_prompt_tokens`; the model then writes the middle and <EOT>.
   """
   fim.check_tokenizer(tokenizer)
   s = tokenizer.sentinels
@@ -199,12 +158,7 @@ def pad_left(
 
 
 def prefill(cfg: config_lib.ModelConfig, params, tokens_BP, pad_B, cache_len: int):
-  """Runs the left-padded prompts into a fresh cache of `cache_len` slots.
-
-  Returns:
-    (logits_BV, cache): float32 logits of each row's next token, and the
-    cache holding the prompts in slots [0, P).
-  """
+  """Runs the left-padded prompts into a fresh cache; returns (float32 logits_BV, cache)."""
   B, P = tokens_BP.shape
   cache = model_lib.init_cache(cfg, B, cache_len)
   mask_BTS, positions_BT = _mask_and_positions(pad_B, 0, P, cache_len)
@@ -231,7 +185,7 @@ def sample(logits_BV, key, *, temperature: float, top_k: int = 0, top_p: float =
 def filter_logits(logits_BV, top_k: int = 0, top_p: float = 1.0):
   """Sets logits outside the top k, then outside the nucleus top_p, to -inf.
 
-  The most likely token always survives. Ties at a cut-off all survive.
+  The most likely token, and all ties at a cut-off, survive.
   """
   if top_k:
     kth_B1 = jax.lax.top_k(logits_BV, min(top_k, logits_BV.shape[-1]))[0][:, -1:]

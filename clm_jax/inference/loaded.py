@@ -15,13 +15,10 @@ from clm_jax.model import decoder
 
 @dataclasses.dataclass
 class Model:
-  """A loaded model: config, params (on devices) and tokenizer.
+  """A loaded model: config, params (blocks stacked in plain layer order) and tokenizer.
 
-  Attributes:
-    config: The `clm_jax.config.ModelConfig`; it computes in the params' dtype.
-    params: The params tree, blocks stacked in plain layer order.
-    tokenizer: A `clm_jax.data.tokenizer.Tokenizer`, or None where the source has none.
-    mesh: The mesh the params are sharded over, or None (one device).
+  It computes in the params' dtype; `tokenizer` is None where the source has
+  none, `mesh` None on one device.
   """
 
   config: Any
@@ -70,13 +67,8 @@ def load(path, mesh=None, *, dtype: str | None = None) -> Model:
     path: A HF directory (config.json + *.safetensors), a clm_jax run
       directory (its latest checkpoint) or a params-only checkpoint
       (`python -m launch convert --to_params`).
-    mesh: Shard the params over this mesh by `clm_jax.parallel.sharding.RULES`;
-      None = one device.
-    dtype: Cast the params to this dtype ('float32', 'bfloat16', ...);
-      None = as stored. The model computes in the params' dtype.
-
-  Raises:
-    FileNotFoundError: `path` is none of these, or a run without a checkpoint.
+    mesh: Shard the params over this mesh; None = one device.
+    dtype: Cast the params ('float32', 'bfloat16', ...); None = as stored.
   """
   cfg, params, tok = load_lib.read(path, mesh, dtype)
   return Model(cfg, params, tok, mesh)

@@ -1,24 +1,11 @@
 """The attention core of training: packed documents, each causal on its own.
 
-Axis letters as in `clm_jax.model`; M counts a row's runs (documents, the
-padding tail counted as one).
-
-Two implementations, chosen by `model.attention`:
-
-- 'xla': `jax.nn.dot_product_attention` with a dense [B, 1, T, S] document
-  mask and `is_causal`; GQA native. Runs everywhere.
-- 'cudnn': cuDNN flash attention on the packed ("THD") layout. Each row's
-  runs of equal segment ids become segments given by their lengths and start
-  offsets, so the kernel skips every block outside a document's causal
-  triangle and no T x S mask or bias is ever built. (jax's public API with
-  `implementation='cudnn'` would turn the document mask into a dense bias,
-  which defeats flash attention.) Needs a Hopper or newer NVIDIA GPU, cuDNN
-  9.6 or newer and bf16/fp16 compute.
-
-Padding (segment 0, the tail of a row) is a run like any other: with 'xla'
-padding attends to padding causally, and with 'cudnn' it is its own segment,
-so the kernel writes the same defined values there instead of leaving them
-unset. Its targets are masked in the loss either way.
+`model.attention` picks 'xla' (a dense [B, 1, T, S] document mask; runs
+everywhere) or 'cudnn': flash attention on the packed ("THD") layout, where
+each row's runs of equal segment ids (M; the padding tail is one, so its output
+is defined) are given by lengths and offsets: no T x S mask, and blocks outside a
+document are skipped. (jax's public API would turn the mask into a dense bias,
+defeating flash attention.) 'cudnn' needs Hopper+, cuDNN >= 9.6 and bf16/fp16.
 """
 
 import functools
@@ -34,27 +21,19 @@ from clm_jax import config as config_lib
 def document_mask(segment_ids_BT: jax.Array) -> jax.Array:
   """[B, 1, T, S] True where query and key are in the same packed document.
 
-  Causality is added by `is_causal`; together a token sees only earlier
-  tokens of its own document. Padding (segment 0) sees only padding, which
-  keeps every softmax row non-empty; its targets are masked in the loss.
+  Padding (segment 0) sees only padding, which keeps every softmax row
+  non-empty; its targets are masked in the loss.
   """
   return (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
 
 
 def segment_layout(segment_ids_BT: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
-  """cuDNN's packed-layout description of each row's runs of equal segment ids.
+  """cuDNN's packed layout of each row's runs: int32 (seqlens_BM, offsets_BM1).
 
-  Args:
-    segment_ids_BT: int [B, T] packed-document ids (0 = padding).
-    max_segments: M, the runs per row the layout has room for. Runs past the
-      M-th are dropped; `check_segments` rejects such batches on the host.
-
-  Returns:
-    (seqlens_BM, offsets_BM1), int32: the length of each run and where it
-    starts in its row, in row order, -1 after the row's last run. The last
-    column of offsets is always -1: jax's packed API takes M + 1 columns but
-    only the starts, and an end offset there would misalign every later row
-    once jax concatenates the rows.
+  Each run's length and start, -1 after the row's last run; runs past the M-th
+  are dropped (`check_segments` rejects such batches on the host). The last
+  offsets column is always -1: jax takes M + 1 columns but only the starts, and
+  an end offset there would misalign every later row once jax concatenates them.
   """
   B, T = segment_ids_BT.shape
   boundary_BT = jnp.concatenate(
@@ -73,14 +52,10 @@ def segment_layout(segment_ids_BT: jax.Array, max_segments: int) -> tuple[jax.Ar
 
 
 def check_segments(segment_ids: np.ndarray, max_segments: int) -> None:
-  """Raises ConfigError if a row has more runs than the cuDNN layout has room for.
+  """Raises ConfigError if a row of [..., T] segment ids has over `max_segments` runs.
 
-  A host-side check of a batch before it is sent: the runs past the M-th
-  would get no attention output at all, so such a batch must never train.
-
-  Args:
-    segment_ids: [..., T] segment ids of a batch (0 = padding).
-    max_segments: `model.max_segments`.
+  On the host, before a batch is sent: the runs past the M-th would get no
+  attention output at all, so such a batch must never train.
   """
   ids = np.asarray(segment_ids)
   ids = ids.reshape(-1, ids.shape[-1])
@@ -107,13 +82,7 @@ def attend(
 ) -> jax.Array:
   """Causal attention within each packed document, [B, T, N, H] in q's dtype.
 
-  Args:
-    q_BTNH: Rotated queries.
-    k_BSKH: Rotated keys of the K kv heads (S = T), each shared by N / K query heads.
-    v_BSKH: Values of the K kv heads.
-    segment_ids_BT: Packed-document ids, 0 for the padding tail.
-    implementation: 'xla' or 'cudnn' (`model.attention`).
-    max_segments: Runs per row the 'cudnn' layout has room for; 'xla' ignores it.
+  q and k come rotated; S = T. `max_segments` matters to 'cudnn' only.
   """
   if implementation == 'xla':
     # The softmax runs in float32 inside dot_product_attention. GQA is native:
@@ -132,15 +101,12 @@ def attend(
   raise ValueError(f"model.attention={implementation!r} is not 'xla' or 'cudnn'")
 
 
-# cuDNN on the packed layout, made safe under jax.vmap and jax.grad.
-#
-# The pipeline runs the layers vmapped over stages, and jax's batching rule
-# for the cuDNN primitive neither folds [P, B, M] lengths nor offsets into the
-# batch. So the call is a custom_vmap whose rule folds every vmapped axis into
-# B itself; custom_vmap has no reverse-mode rule, hence the custom_vjp around
-# it (as jax.custom_batching documents), whose backward is a custom_vmap too.
-# The backward runs jax's own cuDNN VJP, which recomputes the forward kernel
-# once: the price of calling only the public function of the cuDNN module.
+# cuDNN on the packed layout, made safe under jax.vmap and jax.grad. The
+# pipeline vmaps the layers over stages, and jax's batching rule for the cuDNN
+# primitive does not fold [P, B, M] lengths and offsets into the batch; so a
+# custom_vmap folds every vmapped axis into B, wrapped in a custom_vjp (which
+# custom_vmap lacks) whose backward is jax's cuDNN VJP, recomputing the forward
+# once: the price of using only the cuDNN module's public function.
 
 
 def _cudnn(q_BTNH, k_BSKH, v_BSKH, seqlens_BM, offsets_BM1):
@@ -180,10 +146,9 @@ def _cudnn(q_BTNH, k_BSKH, v_BSKH, seqlens_BM, offsets_BM1):
 def _kv_offsets_take_kv_stride() -> bool:
   """Whether jax scales packed kv offsets by the keys' own per-token stride.
 
-  jax 0.10 multiplies both offsets by the queries' N * H, which with fewer kv
-  heads points kv offsets past their segments' starts, silently
-  (jax-ml/jax#39521 fixes it). Asked of jax's helper on a tiny GQA case
-  rather than of its version, so a fixed jax gets native GQA at once.
+  jax 0.10 scales both by the queries' N * H, silently wrong with GQA
+  (jax-ml/jax#39521). Probed on a tiny case, not by version, so a fixed jax
+  gets native GQA at once.
   """
   q = jax.ShapeDtypeStruct((1, 4, 2, 8), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((1, 4, 1, 8), jnp.bfloat16)

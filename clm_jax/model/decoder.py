@@ -1,11 +1,8 @@
 """The CodeLlama / LLaMA-2 decoder and its functional interface.
 
-Axis letters as in `clm_jax.model`.
-
-The blocks' parameters are stacked along a leading `layers` axis and run with
-one `jax.lax.scan`, so compile time does not grow with depth. Training code
-works on plain nested dicts of arrays (`params`); `apply` merges them with
-the module's graph inside the traced function.
+Blocks are stacked on a leading `layers` axis and run by one scan, so compile
+time does not grow with depth. Training code holds plain nested dicts
+(`params`); `apply` merges them with the graph inside the traced function.
 """
 
 import math
@@ -58,13 +55,9 @@ class Decoder(nnx.Module):
     return self.final_norm(x_BTD)
 
   def extend(self, tokens_BT, positions_BT, mask_BTS, cache: layers.KVCache, index):
-    """Hidden states [B, T, D] of T new tokens per row, read against a KV cache.
+    """(x_BTD, cache) after T new tokens per row, written to cache slots [index, index + T).
 
-    Prefill (T = prompt length) and each decode step (T = 1) both run this;
-    the new tokens' keys and values land in cache slots [index, index + T).
-
-    Returns:
-      (x_BTD, cache): the final-normed hidden states and the updated cache.
+    Prefill (T = prompt length) and each decode step (T = 1) both run this.
     """
     x_BTD = self.embed_tokens(tokens_BT)
     graphdef, stacked = nnx.split(self.blocks)
@@ -93,15 +86,9 @@ class Decoder(nnx.Module):
 
 
 def run_blocks(graphdef, stacked, x_BTD, segment_ids_BT, positions_BT, remat: str):
-  """Runs the blocks stacked along the leading axis of `stacked`, in order.
+  """Runs the blocks stacked along the leading axis of `stacked` (any length), in order.
 
-  Args:
-    graphdef: The graph of the stacked blocks (nnx.split of Decoder.blocks).
-    stacked: Their state (or a pure dict) with a leading layer axis, any length.
-    x_BTD: The hidden states entering the first block.
-    segment_ids_BT: Packed-document ids.
-    positions_BT: Positions within each document.
-    remat: 'none', 'full' or 'save_dots': what backward recomputes.
+  `graphdef` is nnx.split of Decoder.blocks; `remat` a key of REMAT_POLICIES or 'none'.
   """
 
   def body(x_BTD, block_state):
@@ -115,12 +102,7 @@ def run_blocks(graphdef, stacked, x_BTD, segment_ids_BT, positions_BT, remat: st
 
 
 def abstract(cfg: config_lib.ModelConfig):
-  """Shapes and logical axes of the parameters, without allocating them.
-
-  Returns:
-    (graphdef, params, axes): the module graph, a nested dict of
-    jax.ShapeDtypeStruct, and a matching nested dict of logical-axis tuples.
-  """
+  """(graphdef, params of jax.ShapeDtypeStruct, logical-axis tuples), allocating nothing."""
   # Under a current mesh nnx.eval_shape would read the logical axis names as
   # mesh axes; the answer must not depend on the caller's context.
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):

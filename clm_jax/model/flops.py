@@ -1,8 +1,7 @@
 """Model FLOPs and device peaks, for MFU.
 
-Counts follow Megatron-LM: 6 FLOPs per matmul parameter per token for
-forward + backward, plus the attention score and value products with the
-causal mask counted once (half of the full T x T square).
+As Megatron-LM: 6 FLOPs per matmul parameter per token, plus attention's
+products over half the T x T square (causal).
 """
 
 import jax

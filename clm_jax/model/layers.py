@@ -1,11 +1,7 @@
 """The pieces of a LLaMA-2 decoder block, as Flax NNX modules.
 
-Axis letters as in `clm_jax.model`'s docstring.
-
-Projections run as 2-D matmuls over X tokens with one contracting axis:
-XLA:CPU turns the backward of a [B, T, D] einsum (two contracting axes in
-the weight gradient) into a slower loop, 1.4x slower on bench_tiny's MLP;
-on GPUs the two forms compile alike.
+Projections are 2-D matmuls over X tokens: XLA:CPU runs the backward of a
+[B, T, D] einsum as a loop, 1.4x slower on bench_tiny's MLP (GPUs: the same).
 """
 
 from typing import NamedTuple
@@ -69,9 +65,8 @@ PROJECTIONS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', '
 class KVCache(NamedTuple):
   """Every layer's keys and values for decoding, in the compute dtype.
 
-  Only the K kv heads are stored, never repeated to the N query heads: GQA's
-  memory saving is the point of it at decode time. Slot s of a row holds the
-  row's s-th token (rows are left-padded, see `clm_jax.inference.generate`).
+  K kv heads only, never repeated to N: GQA's memory saving is its point at
+  decode time. Slot s holds the (left-padded) row's s-th token.
   """
 
   k_LBSKH: jax.Array
@@ -102,20 +97,7 @@ class Attention(nnx.Module):
     return self._out(out_BTNH, x_BTD.dtype)
 
   def extend(self, x_BTD, positions_BT, mask_BTS, cache: KVCache, layer, index):
-    """Attends T new tokens over a KV cache, after writing theirs into it.
-
-    Args:
-      x_BTD: The new tokens' (normed) hidden states.
-      positions_BT: Their rotary positions.
-      mask_BTS: True where a new token may see cache slot s; the T new tokens
-        occupy slots [index, index + T).
-      cache: Every layer's keys and values.
-      layer: Which layer of `cache` this attention owns.
-      index: The first slot the new tokens' keys and values go to.
-
-    Returns:
-      (out_BTD, cache) with this layer's slots [index, index + T) written.
-    """
+    """Attends T new tokens over the cache after writing theirs to slots [index, index + T)."""
     q_BTNH, k_BTKH, v_BTKH = self._qkv(x_BTD, positions_BT)
     # Only the T new slots of the [L, B, S, K, H] cache are written: in the
     # decode loop's carry that is an in-place update, not a copy of the cache.

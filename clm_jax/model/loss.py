@@ -1,18 +1,10 @@
 """Cross-entropy of the LM head, computed over chunks of the sequence.
 
-Axis letters as in `clm_jax.model`; X is a chunk's rows (B * c).
-
-The [B, T, V] float32 logits are the largest activation of the model (1 GB
-per 8,192-token row at vocab 32,000), so neither function here ever builds
-them whole: each works on `chunk` positions at a time.
-
-`token_losses` is plain JAX, differentiable by autodiff with each chunk's
-logits recomputed in backward. `loss_sum` is the training path: a fused
-linear cross-entropy whose forward pass also computes the gradients of the
-hidden states and the head, chunk by chunk, so that backward costs no
-second pass over the logits (3 vocab-sized matmuls per chunk instead of 4).
-No maintained JAX library provides this fusion; on a 2-core CPU it makes
-bench_tiny's step 1.2x faster.
+The [B, T, V] float32 logits are the model's largest activation (1 GB per
+8,192-token row at vocab 32,000), so they are never built whole. `loss_sum`,
+the training path, is a fused linear cross-entropy: its forward also computes
+the gradients chunk by chunk, so backward makes no second pass over the logits
+(3 vocab-sized matmuls per chunk, not 4; bench_tiny's step 1.2x faster on CPU).
 """
 
 import functools
@@ -107,8 +99,7 @@ loss_sum.defvjp(_loss_sum_fwd, _loss_sum_bwd)
 def targets(tokens_BT, segment_ids_BT, loss_mask_BT=None):
   """Next-token targets [B, T] and the 0/1 float weights of the real ones.
 
-  With `loss_mask_BT` (instruction data: 1 on the answers' tokens), only
-  targets the mask marks count; the rest is context the model reads.
+  With `loss_mask_BT` (instruction data: 1 on answers), only marked targets count.
   """
   T = tokens_BT.shape[1]
   targets_BT = jnp.roll(tokens_BT, -1, axis=1)

@@ -1,23 +1,9 @@
 """Joining the JAX distributed runtime: one process per host (or per GPU).
 
-Where the layout comes from, first match wins:
-  1. flags: --coordinator_address=HOST:PORT --num_processes=N --process_id=I
-     [--local_device_ids=0,1,...];
-  2. the same as environment variables: JAX_COORDINATOR_ADDRESS,
-     JAX_NUM_PROCESSES, JAX_PROCESS_ID, JAX_LOCAL_DEVICE_IDS;
-  3. a SLURM step (srun with more than one task) or an Open MPI job (mpirun
-     -n N with N > 1), which jax.distributed detects by itself;
-  4. none of these: one process, nothing to join.
-
-A lost process ends the run everywhere: every process heartbeats to the
-coordinator (process 0), and when one stops for `heartbeat_timeout` seconds,
-or the coordinator itself goes, the JAX runtime ends every other process with
-a non-zero status and a log line naming the lost task. The run then restarts
-from its last checkpoint like any other crash. Nothing waits forever: joining
-gives up after `init_timeout` seconds.
-
-On CPU the processes exchange collectives over gloo (TCP), which is how the
-tests run several processes on 127.0.0.1.
+The layout comes from flags, else JAX_* environment variables, else a SLURM
+step or Open MPI job (detected by jax.distributed), else one process. A lost
+process (no heartbeat for `heartbeat_timeout` s) ends the run everywhere, to
+restart from the last checkpoint like any crash; nothing waits forever.
 """
 
 import dataclasses
@@ -73,9 +59,7 @@ def resolve(
 ) -> Layout:
   """Works out the layout from flags, then the environment, then the cluster.
 
-  Raises:
-    DistributedError: A layout given in part (a process id without a count,
-      a count without a coordinator, an id out of range).
+  Raises DistributedError for a layout given in part or out of range.
   """
   flagged = (coordinator_address, num_processes, process_id, local_device_ids)
   # Each setting from its flag, else from its environment variable.
@@ -115,15 +99,9 @@ def resolve(
 
 
 def initialize(layout: Layout, *, heartbeat_timeout: int = 100, init_timeout: int = 300) -> None:
-  """Joins the distributed runtime as `layout` says; a single process joins nothing.
+  """Joins the distributed runtime as `layout` says, before anything touches a device.
 
-  Must run before anything touches a JAX device.
-
-  Args:
-    layout: From `resolve`.
-    heartbeat_timeout: Seconds without a heartbeat after which a process
-      counts as lost and the others are ended.
-    init_timeout: Seconds to wait for every process to join.
+  Timeouts are in seconds; `init_timeout` bounds the wait for every process to join.
   """
   if not layout.multi_process:
     if layout.local_device_ids is not None:

@@ -1,39 +1,15 @@
 """XLA flags and environment defaults for training on NVIDIA GPUs (A100, H100).
 
-XLA's GPU defaults favour short compiles and small programs. For LLM training
-across many GPUs the communication has to overlap with compute, which takes
-three groups of flags, all from NVIDIA's JAX-Toolbox performance guide and
-the MaxText / AXLearn recipes it ships:
+From NVIDIA's JAX-Toolbox guide and its MaxText / AXLearn recipes, so that
+communication overlaps compute. `apply` runs before jax is imported (XLA reads
+XLA_FLAGS once) and never overrides a flag or variable the user set.
 
-- Scheduling: the latency-hiding scheduler moves collectives so that they run
-  while independent compute does, on a high-priority stream.
-- Combining: small collectives are merged up to a byte threshold, because a
-  few large transfers use NVLink / InfiniBand bandwidth far better than many
-  small ones. XLA's default threshold is 30 MiB; the recipes use 1 GiB.
-- Pipelining: collectives inside the layer `scan` (a while loop) are started
-  one iteration early, and the loop is double-buffered, so each layer's
-  communication overlaps the previous layer's compute.
-
-Two environment variables complete it: the share of GPU memory JAX reserves,
-and one CUDA hardware queue per device so kernels start in the order the
-scheduler chose.
-
-`apply(os.environ)` runs before jax is imported (XLA reads XLA_FLAGS once, at
-backend start). It never overrides the user: to change one default, put the
-flag in XLA_FLAGS yourself (`XLA_FLAGS=--xla_gpu_all_reduce_combine_threshold_bytes=...`)
-or export the variable; to turn all of them off, `--gpu_defaults=false`.
-
-Left out on purpose: flags XLA already defaults to the recipes' values here
-(`--xla_gpu_enable_all_gather_combine_by_dim=false`, `..._reduce_scatter_...`);
-flags this jaxlib no longer has and would abort on (`--xla_gpu_enable_async_collectives`,
-`--xla_gpu_graph_level`, `--xla_gpu_enable_triton_softmax_fusion`,
-`--xla_gpu_enable_pipelined_collectives`); and recipe choices that trade
-safety or generality for one model's speed: `--xla_disable_hlo_passes=rematerialization`
-(an OOM instead of a slower step), `--xla_gpu_enable_command_buffer=` (CUDA
-graphs off), `--xla_gpu_enable_triton_gemm=false` (the autotuner already picks
-between Triton and cuBLAS), `--xla_gpu_enable_pipelined_p2p` (experimental).
-NCCL_NVLS_ENABLE is left to NCCL, which enables NVLink SHARP where the switch
-supports it; JAX-Toolbox once turned it off and has since dropped that.
+Left out on purpose: flags already at the recipes' values, or gone from this
+jaxlib (which would abort: xla_gpu_enable_async_collectives, xla_gpu_graph_level,
+xla_gpu_enable_triton_softmax_fusion, xla_gpu_enable_pipelined_collectives);
+recipe choices trading safety for one model's speed (disabling rematerialization:
+an OOM instead of a slower step; command buffers off; triton_gemm off;
+experimental pipelined_p2p); and NCCL_NVLS_ENABLE, which NCCL sets right itself.
 """
 
 import glob
@@ -94,15 +70,8 @@ def _flag_name(token: str) -> str:
 def apply(environ: MutableMapping[str, str]) -> dict[str, str]:
   """Adds the GPU defaults to `environ` wherever the user has not set them.
 
-  Each flag of `XLA_GPU_FLAGS` whose name is absent from `environ['XLA_FLAGS']` is
-  appended to it; each variable of `ENV_DEFAULTS` that is unset is set. Call it
-  before importing jax.
-
-  Args:
-    environ: The environment to change, normally `os.environ`.
-
-  Returns:
-    What was added: `'--<flag>'` or the variable name, mapped to its value.
+  Call it before importing jax. Returns what was added, `'--<flag>'` or the
+  variable name mapped to its value.
   """
   user_flags = environ.get('XLA_FLAGS', '')
   present = {_flag_name(token) for token in user_flags.split()}
@@ -124,10 +93,8 @@ def apply(environ: MutableMapping[str, str]) -> dict[str, str]:
 def gpu_present() -> bool:
   """Whether this process will run on an NVIDIA GPU, decided without importing jax.
 
-  False when JAX_PLATFORMS names only other platforms or CUDA_VISIBLE_DEVICES
-  hides every GPU; otherwise True when the driver lists a GPU or a device node
-  exists, or when GPUs are named in CUDA_VISIBLE_DEVICES and a JAX CUDA plugin
-  is installed (containers may show neither /proc nor /dev entries).
+  Visible GPUs plus an installed JAX CUDA plugin count too: containers may show
+  neither /proc nor /dev entries.
   """
   platforms = os.environ.get('JAX_PLATFORMS', '').lower()
   if platforms and not any(p.strip() in ('cuda', 'gpu') for p in platforms.split(',')):

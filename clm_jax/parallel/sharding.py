@@ -1,8 +1,7 @@
 """The device mesh and the one table that maps logical axes onto it.
 
-Modules name logical axes only; this file is where mesh axis names meet them.
-Shardings are derived from the table and the arrays' shapes, never written
-out per parameter.
+Shardings are derived from the table and the arrays' shapes, never written out
+per parameter.
 """
 
 from collections.abc import Mapping
@@ -101,10 +100,7 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-  """Pins an activation's sharding by logical axes under the current mesh.
-
-  Outside a mesh context (a plain one-device call) this is the identity.
-  """
+  """Pins an activation's sharding by logical axes under the current mesh (none: identity)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
@@ -128,10 +124,8 @@ def constrain_stage(x: jax.Array) -> jax.Array:
 def process_rows(mesh: jax.sharding.Mesh, batch_size: int) -> tuple[int, int]:
   """The rows [lo, hi) of every global batch that this process's devices hold.
 
-  Rows are split over 'data' only, so a process whose devices span several
-  'data' positions holds a contiguous block of rows (jax.make_mesh keeps a
-  process's devices together), and processes that differ only in their
-  'tensor' or 'pipeline' position hold the same rows.
+  One contiguous block, as jax.make_mesh keeps a process's devices together;
+  processes differing only along 'tensor' or 'pipeline' hold the same rows.
   """
   indices = batch_sharding(mesh).addressable_devices_indices_map((batch_size, 1)).values()
   starts = sorted({index[0].indices(batch_size)[:2] for index in indices})

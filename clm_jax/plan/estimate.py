@@ -1,24 +1,11 @@
 """The planner: parameters, memory per device, FLOPs and time of a config, before launch.
 
-Everything here is arithmetic on the config; no device is touched. Memory is
-counted per device as the train step holds it:
-
-  params + optimizer state   the real sharding (clm_jax.parallel.sharding's rules on
-                             the model's abstract shapes), not a formula
-  gradients                  the float32 accumulator of grads_and_loss plus
-                             one micro-batch's gradients
-  saved activations          what backward keeps, by remat policy and
-                             pipeline schedule
-  working set                the transient peak on top: one layer's backward
-                             (its recomputation and gradients) or one chunk of
-                             the fused LM-head loss, whichever is larger
-
-The activation counts follow the residuals that `jax.ad_checkpoint.
-print_saved_residuals` lists for a block; `clm_jax.plan.xla_memory` compiles the
-real step and reports XLA's own figure beside this one.
-
-Axis letters as in `clm_jax.model`; lower-case letters are per-device sizes:
-b rows per micro-batch, x = b T tokens, n / k query / kv heads, f mlp, v vocab.
+Arithmetic on the config; no device is touched. Memory per device is the real
+sharding of params and optimizer state, the float32 gradient accumulator plus
+one micro-batch's gradients, what backward saves (the residuals
+`print_saved_residuals` lists, by remat policy and schedule), and the larger
+transient of one layer's backward or one loss chunk. `xla_memory` reports XLA's
+own figure beside it. Lower-case letters are per-device sizes (x = b T tokens).
 """
 
 import dataclasses
@@ -60,7 +47,7 @@ DEVICE_TYPES = {
 # the rest goes to NCCL and cuDNN workspaces.
 POOL_FRACTION = 0.9
 
-# Fitted to XLA's buffer assignment on small configs (tests/plan_test.py):
+# Fitted to XLA's buffer assignment on small configs (tests/unit/plan_test.py):
 # the attention probabilities are alive this many times over in one layer's
 # backward, and a loss chunk's [rows, V] float32 this many times over.
 _SCORE_COPIES = 3
@@ -250,9 +237,8 @@ def throughput_ceiling(cfg: config_lib.ModelConfig, layout: Layout, seq_len: int
 def candidates(c, devices: int, device: DeviceType) -> list[tuple[Layout, Memory]]:
   """Layouts of the config's mesh that fit `device`, the highest MFU ceiling first.
 
-  Varies what changes neither the model nor the optimizer step: remat policy,
-  attention kernel (cuDNN flash attention on Hopper and later), micro-batches
-  per step, micro-batches in flight per pipeline pass and virtual stages.
+  Varies only what changes neither the model nor the optimizer step (remat,
+  attention kernel, micro-batches, virtual stages).
   """
   cfg = config_lib.ModelConfig.from_config(c.model)
   base = layout_of(c, devices)
@@ -313,16 +299,11 @@ def plan(
   """The whole plan of config `c` on `devices` devices of type `device`, as plain data.
 
   Args:
-    c: A config (validated against `devices` here).
-    devices: How many devices the run gets.
-    device: Their type (peak FLOP/s and memory).
-    mfu: The model-FLOPs utilisation assumed for times.
     tokens: The training-token budget; 0 = train.steps x tokens per step.
     target_days: A wall-clock target; the plan gives the MFU it needs. 0 = none.
-    claimed_gpu_hours: A GPU-hour figure a source gives for this run, checked
-      against devices x target_days. 0 = none.
-    search: How many fitting layouts to list when the config's own does not fit
-      (and always, the best few); 0 = none.
+    claimed_gpu_hours: A source's GPU-hour figure, checked against devices x
+      target_days. 0 = none.
+    search: How many fitting layouts to list; 0 = none.
   """
   config_lib.validate(c, devices)
   cfg = config_lib.ModelConfig.from_config(c.model)

@@ -1,16 +1,9 @@
 """XLA's own memory figure for a config: the real train step, compiled on abstract arrays.
 
-The step is lowered and compiled for the configured mesh with every input a
-jax.ShapeDtypeStruct, so nothing is allocated: a 34B model on 128 devices
-compiles on a laptop's CPU. The mesh needs that many devices; `measure_in_subprocess`
-starts a Python whose CPU platform has them (--xla_force_host_platform_device_count).
-
-The figure is the CPU compiler's buffer assignment of the per-device SPMD
-program. GPU compilation fuses and schedules differently, so on GPUs expect
-the same order, not the same bytes.
-
-Run as `python -m clm_jax.plan.xla_memory < config.json` it prints the figures as
-JSON; the config is the flattened dict that `clm_jax.config.flatten` gives.
+Nothing is allocated, so a 34B model on 128 devices compiles on a laptop's CPU
+(`measure_in_subprocess` fakes the devices). It is the CPU compiler's buffer
+assignment: on GPUs expect the same order, not the same bytes. As a script it
+reads `clm_jax.config.flatten`'s JSON on stdin and prints the figures.
 """
 
 import json
@@ -29,12 +22,7 @@ from clm_jax.train import step as step_lib
 
 
 def compile_step(c, mesh: jax.sharding.Mesh):
-  """The train step of config `c` on `mesh`, compiled on abstract state and batch.
-
-  Returns:
-    (setup, compiled, seconds): step_lib.setup's result, the compiled step and
-    how long lowering and compiling took.
-  """
+  """(setup, compiled step, compile seconds) of config `c` on `mesh`, on abstract inputs."""
   setup = step_lib.setup(c, mesh)
   state = jax.eval_shape(setup.init_state, jax.random.key(0))
   rows = sharding.batch_sharding(mesh)
@@ -52,9 +40,7 @@ def compile_step(c, mesh: jax.sharding.Mesh):
 def figures(compiled) -> dict:
   """XLA's memory analysis of a compiled step, in bytes per device.
 
-  Returns:
-    {'arguments', 'outputs', 'aliased', 'temporaries', 'total'}: the total is
-    arguments + outputs - aliased (the donated state) + temporaries.
+  'total' is arguments + outputs - aliased (the donated state) + temporaries.
   """
   m = compiled.memory_analysis()
   out = {

@@ -1,11 +1,8 @@
 """What runs between steps: each hook decides when it is due and what it logs.
 
-The loop (loop.py) dispatches a step, reads the one before, then offers the
-step to every hook in order. Before the first due hook runs, the step's own
-metrics are read, so a hook sees them (and a checkpoint holds them). What a
-hook returns is written to metrics.jsonl / TensorBoard and kept in the run's
-final metrics. The CLI adds hooks from layers above training (code eval, the
-planner's memory estimate); the loop itself knows only the ones below.
+The loop reads a step's metrics before its first due hook runs, so hooks (and
+checkpoints) see them; what a hook returns is logged. The CLI adds hooks from
+layers above training (code eval, the planner's memory estimate).
 """
 
 import jax
@@ -51,9 +48,8 @@ class Log(Hook):
 def mean_loss(loss_sum_fn, batches, max_batches: int = 0) -> tuple[float, float, int]:
   """(mean loss per target token, target tokens, batches) of `loss_sum_fn` over `batches`.
 
-  The one held-out loss of training's evaluation and `eval --task=perplexity`:
-  `loss_sum_fn(batch) -> (summed loss, target count)`; batches are read until
-  `max_batches` (0 = all).
+  The one held-out loss of training's evaluation and `eval --task=perplexity`;
+  `max_batches` 0 reads all.
   """
   total = count = 0.0
   done = 0

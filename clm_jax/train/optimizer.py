@@ -1,8 +1,7 @@
 """The optax chain and learning-rate schedule of a CodeLlama run.
 
-clip_by_global_norm -> AdamW (decoupled weight decay, not on norm scales),
-with a linear warmup to the peak and a cosine decay to a floor; the whole
-chain is wrapped so that a non-finite gradient skips the update.
+clip -> AdamW (no decay on norm scales), warmup then cosine decay; a
+non-finite gradient skips the update.
 """
 
 import optax
@@ -25,13 +24,7 @@ def make_schedule(c_optim, total_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(c_optim, schedule: optax.Schedule, decay_mask) -> optax.GradientTransformation:
-  """The update rule.
-
-  Args:
-    c_optim: the `optim` config subtree.
-    schedule: learning rate by number of applied updates.
-    decay_mask: a params-shaped tree, True where weight decay applies.
-  """
+  """The update rule; `schedule` is read at the number of applied (finite) updates."""
   clip = optax.clip_by_global_norm(c_optim.clip_norm) if c_optim.clip_norm else optax.identity()
   adamw = optax.adamw(
     learning_rate=schedule,

@@ -1,32 +1,15 @@
 """The pipeline schedule: micro-batches flowing through layer stages.
 
-Axis alphabet as in `clm_jax.model`, plus P pipeline stages, R virtual
-stages (repeats) per device, C layers per chunk (L = R * P * C), K
-micro-batches in flight, I schedule iterations.
-
-Stages are a vmapped axis sharded over the 'pipeline' mesh axis (as MaxText
-does): at every iteration each stage runs its chunk of layers on the
-activation it holds, then all activations move one stage on, a `jnp.roll`
-over the stage axis that XLA lowers to a collective-permute. Parameters stay
-where they are; only [P, B, T, D] activations cross the pipeline axis.
-
-GPipe: all forwards in one `lax.scan` over iterations, all backwards by
-autodiff of that scan, with the stage rematerialised so that only stage
-inputs are kept. Circular (R > 1): device s holds chunks s, s + P, ... and a
-micro-batch goes round the ring R times, which shrinks the bubble from
-(P - 1) / (K + P - 1) to (P - 1) / (R * K + P - 1). Work item k (the k-th
-that stage 0 takes) is micro-batch (k // (P R)) P + k % P on its repeat
-(k // P) % R: groups of P micro-batches go round together, so what the last
-stage emits is exactly what stage 0 needs next and needs no buffer.
-
-With one stage the same code runs the layers on one micro-batch at a time:
-there is no separate unpipelined path.
-
-Layer storage: the stacked block parameters keep their [L, ...] shape, split
-over 'pipeline' in contiguous blocks, so device s holds storage positions
-[s R C, (s + 1) R C): for R = 1 plain layer order, for R > 1 its chunks.
-`layer_order` maps storage positions to model layers; checkpoints convert to
-plain layer order with it, so any layout restores into any other.
+Here C is layers per chunk (L = R * P * C) and K micro-batches in flight.
+Stages are a vmapped axis sharded over 'pipeline' (as MaxText): each iteration
+every stage runs its chunk, then activations roll one stage on (a
+collective-permute); parameters never move. GPipe forwards run in one scan,
+backwards by its autodiff. Circular (R > 1): device s holds chunks s, s + P, ...
+and groups of P micro-batches go round the ring R times together, so the last
+stage's output is what stage 0 needs next, and the bubble shrinks to
+(P - 1) / (R * K + P - 1). One stage is the same code, not a separate path.
+Blocks are stored [L, ...] in storage order (`layer_order`); checkpoints hold
+plain layer order, so any layout restores into any other.
 """
 
 import dataclasses
@@ -66,10 +49,9 @@ def make_schedule(
 ) -> Schedule:
   """The schedule for `microbatches` micro-batches per optimizer step.
 
-  With several stages, `per_pass` of them (0 = all) go through the pipeline
-  together: more in flight is a smaller bubble but more stage inputs held.
-  With one stage, one at a time, which is plain gradient accumulation with
-  one micro-batch's activations alive.
+  With several stages, `per_pass` of them (0 = all) go through together: more
+  in flight is a smaller bubble but more stage inputs held. With one stage, one
+  at a time: plain gradient accumulation.
   """
   if stages == 1:
     return Schedule(1, virtual_stages, 1)
@@ -86,11 +68,7 @@ def layer_order(num_layers: int, stages: int, virtual_stages: int) -> np.ndarray
 
 
 def to_storage(tree, order: np.ndarray):
-  """Plain layer order -> storage order, for every stacked-block leaf of `tree`.
-
-  `tree` may be params, a TrainState or optimizer state: each leaf under a
-  'blocks' key is permuted along its leading layer axis.
-  """
+  """Plain layer order -> storage order, for every leaf under a 'blocks' key of `tree`."""
   return _permute_blocks(tree, order)
 
 
@@ -113,12 +91,8 @@ def _permute_blocks(tree, index: np.ndarray):
 def loss_sum(params, graphdef, batch_KBT, schedule: Schedule, loss_chunk_len: int = 0):
   """(sum of the real targets' losses, their number) over K micro-batches.
 
-  Args:
-    params: The model's parameters; blocks in storage order.
-    graphdef: The Decoder's graph.
-    batch_KBT: {'tokens', 'segment_ids', 'positions'[, 'loss_mask']}, each [K, B, T].
-    schedule: Stages, virtual stages and K.
-    loss_chunk_len: Positions per chunk of the fused LM-head loss; 0 = T.
+  `params` hold blocks in storage order; `batch_KBT` values are [K, B, T];
+  `loss_chunk_len` 0 means T.
   """
   model = nnx.merge(graphdef, params)
   cfg = model.cfg
@@ -201,11 +175,7 @@ def loss_sum(params, graphdef, batch_KBT, schedule: Schedule, loss_chunk_len: in
 
 
 def _stage_policy(remat: str):
-  """The model's remat policy for a stage, which never saves its picked weights.
-
-  The stage is checkpointed under every policy: with 'none' too, where it keeps
-  everything except 'stage_weights' (a copy of the chunk's weights per iteration).
-  """
+  """The model's remat policy for a stage, never saving its picked weights (even under 'none')."""
   if remat == 'none':
     return jax.checkpoint_policies.save_anything_except_these_names('stage_weights')
   return model_lib.REMAT_POLICIES[remat]

@@ -1,12 +1,8 @@
 """SIGTERM / SIGINT as a request to stop cleanly: finish the step, save, exit 0.
 
-Clusters preempt with SIGTERM and a grace period; a user stops with Ctrl-C.
-The first signal only sets a flag that the loop reads between steps; a
-second one exits the process at once (the last finished checkpoint stays).
-With several processes the flag is agreed on by all of them, so they stop
-at the same step and save together: each step, every process posts its flag
-to the distributed runtime's key-value store and meets the others at a
-barrier, host to host, so the devices never wait for it.
+A second signal exits at once. Processes agree on the flag every step through
+the distributed runtime's key-value store and a host barrier (the devices never
+wait), so all stop and save at the same step.
 """
 
 import os

@@ -65,14 +65,10 @@ def _split_microbatches(batch, schedule: pipeline.Schedule, microbatches: int):
 
 
 def grads_and_loss(graphdef, params, batch, schedule, microbatches: int, loss_chunk_len: int = 0):
-  """Gradient of the token-weighted mean loss over all micro-batches.
+  """(mean loss, real targets, grads) of the token-weighted loss over all micro-batches.
 
-  Each pass sends `schedule.microbatches` micro-batches through the pipeline
-  (with several stages mesh.pipeline_microbatches of them, default all; with
-  one stage, one at a time).
-  Sums of losses and gradients are accumulated in float32 over the passes and
-  divided by the number of real targets once at the end, so the result equals
-  one large batch.
+  Sums are accumulated in float32 over the pipeline passes and divided by the
+  number of real targets once at the end, so the result equals one large batch.
   """
 
   def loss_fn(params, micro):

@@ -1,10 +1,7 @@
 """Every config file validates; every inconsistency is rejected by name before device work."""
 
 import importlib.util
-import os
 import pathlib
-import subprocess
-import sys
 
 import ml_collections
 import pytest
@@ -12,7 +9,7 @@ import pytest
 from clm_jax import config as config_lib
 from clm_jax.data import sources
 
-CONFIGS = pathlib.Path(__file__).resolve().parent.parent / 'configs'
+CONFIGS = pathlib.Path(__file__).resolve().parents[2] / 'configs'
 # Devices each config is meant for (the rest run anywhere with -1 filling).
 DEVICES = {'codellama_34b': 128, 'codellama_7b': 128, 'codellama_34b_instruct': 128}
 
@@ -166,45 +163,3 @@ def test_unknown_and_mistyped_keys(tiny_config):
     config_lib.validate(ml_collections.ConfigDict(d), 1)
   assert 'model.num_layer: unknown config key (did you mean model.num_layers?)' in str(e.value)
   assert "train.steps: expected int, got '10'" in str(e.value)
-
-
-def test_command_line_typo_names_the_key(tmp_path):
-  out = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'launch',
-      'train',
-      '--config.model.num_layer=3',
-      f'--workdir={tmp_path}',
-    ],
-    capture_output=True,
-    text=True,
-    cwd=CONFIGS.parent,
-    timeout=120,
-  )
-  assert out.returncode != 0
-  assert 'num_layer' in out.stderr
-  assert not list(tmp_path.iterdir())  # Nothing was started.
-
-
-def test_command_line_inconsistency_is_a_clean_error(tmp_path):
-  out = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'launch',
-      'train',
-      '--config.model.num_kv_heads=3',
-      f'--workdir={tmp_path}',
-    ],
-    capture_output=True,
-    text=True,
-    cwd=CONFIGS.parent,
-    timeout=120,
-    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
-  )
-  assert out.returncode == 1
-  assert 'error: invalid config:' in out.stderr
-  assert 'model.num_heads=4 is not divisible by model.num_kv_heads=3' in out.stderr
-  assert 'Traceback' not in out.stderr

@@ -25,7 +25,7 @@ from clm_jax.data import chat
 from clm_jax.data import sources
 from clm_jax.data import tokenizer
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 DATA = ROOT / 'data' / 'instruct'
 SHIPPED = ('stdlib_tasks.jsonl', 'heldout.jsonl')
 VOCAB = 600

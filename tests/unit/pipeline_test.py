@@ -3,7 +3,6 @@
 import functools
 import re
 
-import batches
 import grain
 import jax
 import numpy as np
@@ -13,6 +12,7 @@ from clm_jax.ckpt import checkpoint
 from clm_jax.parallel import sharding
 from clm_jax.train import pipeline
 from clm_jax.train import step as step_lib
+from tests.helpers import batches
 
 MICROBATCHES = 8
 

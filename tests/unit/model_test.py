@@ -2,7 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-import models
 import numpy as np
 import pytest
 
@@ -11,6 +10,7 @@ from clm_jax.model import decoder as model_lib
 from clm_jax.model import layers
 from clm_jax.train import step as step_lib
 from configs import codellama_34b
+from tests.helpers import models
 
 # Jitted once per graph: eager op-by-op dispatch of a scanned model is slow.
 apply = jax.jit(model_lib.apply, static_argnums=0)

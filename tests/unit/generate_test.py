@@ -7,7 +7,6 @@ import types
 
 import jax
 import jax.numpy as jnp
-import models
 import numpy as np
 import pytest
 
@@ -16,6 +15,7 @@ from clm_jax.data import tokenizer as tokenizer_lib
 from clm_jax.inference import generate
 from clm_jax.model import decoder as model_lib
 from clm_jax.parallel import sharding
+from tests.helpers import models
 
 init = jax.jit(model_lib.init, static_argnums=0)
 apply = jax.jit(model_lib.apply, static_argnums=0)

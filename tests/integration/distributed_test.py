@@ -11,12 +11,11 @@ import subprocess
 import sys
 import time
 
-import cli
 import numpy as np
 import pytest
 
 from clm_jax.cluster import spawn
-from clm_jax.parallel import distributed
+from tests.helpers import cli
 
 STEPS = 30
 FLAGS = [
@@ -163,42 +162,6 @@ def test_a_killed_process_ends_the_other_within_the_heartbeat_timeout(cache, tmp
   assert waited < timeout + 20, waited
   # The runtime's own message names the lost process (task 1).
   assert 'stopped sending heartbeats' in err and '\n1\n' in err, err[-3000:]
-
-
-def test_layout_from_flags_then_environment_then_cluster():
-  env = {'JAX_COORDINATOR_ADDRESS': 'h:1', 'JAX_NUM_PROCESSES': '4', 'JAX_PROCESS_ID': '3'}
-  assert distributed.resolve('a:2', 2, 1, '0,1', environ=env) == distributed.Layout(
-    'a:2', 2, 1, (0, 1), 'flags'
-  )
-  assert distributed.resolve(environ=env) == distributed.Layout('h:1', 4, 3, None, 'environment')
-  slurm = {
-    'SLURM_JOB_ID': '7',
-    'SLURM_STEP_NODELIST': 'n[1-2]',
-    'SLURM_NTASKS': '2',
-    'SLURM_PROCID': '1',
-  }
-  assert distributed.resolve(environ=slurm).source == 'slurm'
-  assert distributed.resolve(environ={**slurm, 'SLURM_NTASKS': '1'}).source == 'single'
-  assert (
-    distributed.resolve(environ={'OMPI_COMM_WORLD_SIZE': '8', 'OMPI_COMM_WORLD_RANK': '0'}).source
-    == 'mpi'
-  )
-  assert not distributed.resolve(environ={}).multi_process
-  assert not distributed.resolve('a:2', 1, 0, environ={}).multi_process
-
-
-@pytest.mark.parametrize(
-  'args, match',
-  [
-    (('a:2', 2, None), 'needs all of'),
-    ((None, None, 1), '--process_id=1 needs'),
-    (('a:2', 2, 2), r'--process_id=2 is not in \[0, --num_processes=2\)'),
-    (('a', 2, 0), 'HOST:PORT'),
-  ],
-)
-def test_a_partial_layout_is_a_clear_error(args, match):
-  with pytest.raises(distributed.DistributedError, match=match):
-    distributed.resolve(*args, environ={})
 
 
 def test_spawn_exit_code_reports_death_by_signal():

@@ -5,7 +5,6 @@ import pathlib
 import struct
 import sysconfig
 
-import cli
 import ml_collections
 import numpy as np
 import torch
@@ -14,6 +13,7 @@ from tensorboardX.proto import event_pb2
 
 import clm_jax
 from clm_jax.eval import perplexity
+from tests.helpers import cli
 
 
 def _tb_tags(tb_dir):

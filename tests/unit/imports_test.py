@@ -7,7 +7,7 @@ The layers themselves are import-linter's contracts (.importlinter), which
 import ast
 import pathlib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Importing the package stays cheap: `clm_jax.load` imports the model on first use.
 _LAZY_ALLOWED = {ROOT / 'clm_jax' / '__init__.py'}
 

@@ -5,7 +5,7 @@ import pathlib
 import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 # A tiny model on the standard library: seconds per run on one CPU device.
 TINY = [
   '--config=configs/default.py',

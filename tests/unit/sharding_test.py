@@ -1,6 +1,5 @@
 """Every mesh gives the one-device result; the rules table puts each parameter where Megatron does."""
 
-import batches
 import jax
 import numpy as np
 import pytest
@@ -8,6 +7,7 @@ from jax.sharding import PartitionSpec as P
 
 from clm_jax.parallel import sharding
 from clm_jax.train import step as step_lib
+from tests.helpers import batches
 
 
 def _train(c, data, tensor, fsdp=False, steps=3):

@@ -3,10 +3,7 @@
 import functools
 import json
 import operator
-import os
 import pathlib
-import subprocess
-import sys
 import types
 
 import grain
@@ -30,7 +27,7 @@ from clm_jax.inference import loaded
 from clm_jax.model import decoder as model_lib
 from clm_jax.parallel import sharding
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 VOCAB = 416  # Room for the test tokenizer's 400 pieces.
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, (2, 24))
 
@@ -297,25 +294,6 @@ print(json.dumps(out))
 """
 
 
-def test_host_memory_stays_about_two_of_the_largest_tensor(tmp_path):
-  # 2 x 128 MB embedding and head, 2 x 50 MB layers: 350 MB of fp32.
-  largest = _numpy_llama(tmp_path, 32000, 1024, 2816, 2, 8)
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # One plain CPU device.
-  out = subprocess.run(
-    [sys.executable, '-c', _PEAK_SCRIPT, str(tmp_path), str(tmp_path / 'out')],
-    capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
-  )  # fmt: skip
-  assert out.returncode == 0, out.stderr[-3000:]
-  m = json.loads(out.stdout.splitlines()[-1])
-  # On CPU the params themselves live in host memory: what counts is the rest.
-  assert m['load'] - m['baseline'] - m['held'] < 2 * largest + 2**26, m
-  assert m['save'] - m['baseline'] - m['held'] < 2 * largest + 2**26, m
-  with safetensors.safe_open(tmp_path / 'out' / 'model.safetensors', framework='numpy') as f:
-    got = f.get_tensor('model.layers.1.mlp.down_proj.weight')
-  with safetensors.safe_open(tmp_path / 'model.safetensors', framework='numpy') as f:
-    np.testing.assert_array_equal(got, f.get_tensor('model.layers.1.mlp.down_proj.weight'))
-
-
 def _drop_tensor(directory, name):
   tensors = safetensors.numpy.load_file(directory / 'model.safetensors')
   del tensors[name]
@@ -384,6 +362,84 @@ def test_bad_inputs_name_the_file_and_key(tmp_path, break_it, error, match):
   break_it(tmp_path)
   with pytest.raises(error, match=match):
     hf.load_hf(tmp_path, progress=False)
+
+
+def _index_outside(name):
+  """Moves the tensors beside the model directory and indexes them there as `name`."""
+
+  def break_it(directory):
+    outside = directory.parent / 'outside.safetensors'
+    (directory / 'model.safetensors').rename(outside)
+    with safetensors.safe_open(outside, framework='numpy') as f:
+      weight_map = dict.fromkeys(f.keys(), name.format(parent=directory.parent))
+    (directory / hf.INDEX_FILE).write_text(json.dumps({'weight_map': weight_map}))
+
+  return break_it
+
+
+def _cut_safetensors(directory):
+  path = directory / 'model.safetensors'
+  data = path.read_bytes()
+  path.write_bytes(data[: len(data) // 2])
+
+
+def _huge_header(directory):
+  path = directory / 'model.safetensors'
+  data = path.read_bytes()
+  path.write_bytes((2**62).to_bytes(8, 'little') + data[8:])
+
+
+def _write(name, text):
+  return lambda d: (d / name).write_text(text)
+
+
+@pytest.mark.parametrize(
+  'break_it, match',
+  [
+    pytest.param(
+      _index_outside('../outside.safetensors'),
+      r'model\.safetensors\.index\.json: .*\.\./outside\.safetensors.*outside',
+      id='index_names_outside',
+    ),
+    pytest.param(
+      _index_outside('{parent}/outside.safetensors'),
+      r'model\.safetensors\.index\.json: .*/outside\.safetensors.*outside',
+      id='index_names_an_absolute_path',
+    ),
+    pytest.param(
+      _write('config.json', '{"model_type": "llama",'), r'config\.json: not valid JSON', id='config'
+    ),
+    pytest.param(_write('config.json', '[1, 2]'), r'config\.json: .*not a JSON object', id='list'),
+    pytest.param(
+      _write(hf.INDEX_FILE, '{"weight_map": '),
+      r'model\.safetensors\.index\.json: not valid JSON',
+      id='index_json',
+    ),
+    pytest.param(
+      _write(hf.INDEX_FILE, '{"metadata": {}}'),
+      r'model\.safetensors\.index\.json: weight_map',
+      id='index_without_weight_map',
+    ),
+    pytest.param(_cut_safetensors, r'model\.safetensors: .*incomplete', id='truncated'),
+    pytest.param(_huge_header, r'model\.safetensors: .*header too large', id='huge_header'),
+    pytest.param(_config(num_attention_heads=0), 'num_attention_heads=0', id='heads_0'),
+    pytest.param(_config(hidden_size=-16), 'hidden_size=-16', id='negative_size'),
+    pytest.param(_config(num_hidden_layers=0), 'num_hidden_layers=0', id='layers_0'),
+    pytest.param(_config(num_key_value_heads=0), 'num_key_value_heads=0', id='kv_heads_0'),
+    pytest.param(_config(vocab_size='32'), "vocab_size='32'", id='size_as_text'),
+    pytest.param(_config(intermediate_size=True), 'intermediate_size=True', id='size_as_bool'),
+    pytest.param(_config(rms_norm_eps=-1.0), 'rms_norm_eps=-1.0', id='negative_eps'),
+    pytest.param(_config(rope_scaling='linear'), "rope_scaling='linear'", id='rope_as_text'),
+  ],
+)
+def test_hostile_files_give_one_error_naming_the_file_and_key(tmp_path, break_it, match):
+  directory = tmp_path / 'model'
+  directory.mkdir()
+  _numpy_llama(directory, 32, 16, 32, 2, 4)
+  break_it(directory)
+  with pytest.raises(hf.HFError, match=match) as info:
+    hf.load_hf(directory, progress=False)
+  assert str(directory) in str(info.value)
 
 
 def test_load_names_what_it_expects(tmp_path):

@@ -3,7 +3,6 @@
 import os
 import re
 
-import cli
 import jax
 import jupyter_client
 import nbclient
@@ -15,6 +14,7 @@ import clm_jax
 from clm_jax.config import schema
 from clm_jax.model import decoder as model_lib
 from clm_jax.parallel import sharding
+from tests.helpers import cli
 
 NOTEBOOK = cli.ROOT / 'notebooks' / 'inspect_params.ipynb'
 

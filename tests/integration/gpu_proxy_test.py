@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 SHAPE = dict(d_model=64, num_heads=4, num_kv_heads=2, mlp_dim=128, vocab=256, seq_len=64)
 
 
