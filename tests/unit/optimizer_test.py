@@ -15,24 +15,40 @@ from configs import codellama_34b
 def test_codellama_schedule_by_hand():
   c = codellama_34b.get_config()
   schedule = optimizer.make_schedule(c.optim, c.train.steps)
-  peak, floor, last = 3e-4, 3e-5, c.train.steps - 1
+  peak, floor, last = 3e-4, 3e-5, c.train.steps
+
+  def lr_of_step(step):  # Step n (1-based, as logged) is optax's update count n - 1.
+    return float(schedule(step - 1))
 
   def cosine(step):  # From the end of warmup (2000) to train.steps (14902).
     frac = (step - 2000) / (14902 - 2000)
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * frac))
 
   want = {
-    0: 0.0,
-    1: peak / 2000,
+    1: peak / 2000,  # The first update trains; it is not a no-op at lr 0.
+    2: 2 * peak / 2000,
     1000: peak / 2,
-    2000: peak,
+    2000: peak,  # Warmup reaches the peak at step 2000, as the original run's did.
+    2001: cosine(2001),
     8451: cosine(8451),
-    last: cosine(last),
-    c.train.steps: floor,
+    last - 1: cosine(last - 1),
+    last: floor,
   }
   for step, lr in want.items():
-    assert float(schedule(step)) == pytest.approx(lr, rel=1e-5, abs=1e-12), step
-  assert float(schedule(last)) > floor
+    assert lr_of_step(step) == pytest.approx(lr, rel=1e-5, abs=1e-12), step
+  assert lr_of_step(last - 1) > floor
+  assert min(lr_of_step(s) for s in range(1, last + 1, 97)) > 0
+
+
+def test_the_first_step_updates_the_params(tiny_config):
+  c = tiny_config
+  c.optim.update(warmup_steps=10, weight_decay=0.0)
+  schedule = optimizer.make_schedule(c.optim, c.train.steps)
+  params = {'w': jnp.full((4,), 2.0)}
+  opt = optimizer.make_optimizer(c.optim, schedule, {'w': True})
+  updates, _ = opt.update({'w': jnp.ones((4,))}, opt.init(params), params)
+  # Adam's first step moves every weight by lr (its normalised gradient is 1).
+  np.testing.assert_allclose(updates['w'], -c.optim.peak_lr / 10, rtol=1e-5)
 
 
 def _params():
