@@ -10,20 +10,28 @@ Rotary layout: HF Llama rotates dimension i of a head with i + H/2
 were converted to HF), and so does `layers.rotary`: q and k rows are copied
 as they are, with no interleave permutation.
 
+Hostile files: every config.json and index key is checked before use, an
+index names files inside the directory only, and any file safetensors cannot
+read, config.json that is not JSON, or size that is not a positive integer
+gives one HFError naming the file and key.
+
 Memory: one tensor at a time. Import reads a tensor, reshapes it on the host
 and puts it straight into its sharding; a stacked block parameter is
 allocated sharded and filled layer by layer by a donating update. Export
 fetches one layer's slice at a time and streams it into a safetensors file
 whose header is written first, from the shapes alone. Either way the host
-holds about two copies of the largest tensor, whatever the model's size.
+holds about 1.6 x the largest tensor beyond the params (measured), whatever the model's size.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
 import os
 import pathlib
+import reprlib
+import stat
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +44,8 @@ from sentencepiece import sentencepiece_model_pb2
 from clm_jax import config as config_lib
 from clm_jax.ckpt import params as params_lib
 from clm_jax.config import schema
+from clm_jax.data import records
+from clm_jax.data import sources
 from clm_jax.data import tokenizer as tokenizer_lib
 from clm_jax.model import decoder as model_lib
 from clm_jax.parallel import sharding
@@ -50,6 +60,21 @@ _IGNORED_SUFFIXES = ('.rotary_emb.inv_freq',)
 
 # safetensors' dtype names.
 _DTYPE_NAMES = {'float32': 'F32', 'float16': 'F16', 'bfloat16': 'BF16'}
+
+# config.json and the index are KBs (a 70B model's index: ~100 KB); a bigger
+# one is not what it claims to be, and is not read into memory.
+_MAX_JSON_BYTES = 64 * 2**20
+
+# config.json keys that must be positive integers: required, and optional
+# (absent or null = the default below).
+_SIZES = (
+  'vocab_size',
+  'hidden_size',
+  'num_hidden_layers',
+  'num_attention_heads',
+  'intermediate_size',
+)
+_OPTIONAL_SIZES = ('num_key_value_heads', 'max_position_embeddings', 'head_dim')
 
 
 class HFError(ValueError):
@@ -116,6 +141,45 @@ _FIXED = {
 }
 
 
+def _read_json(path: pathlib.Path) -> dict:
+  """A JSON object from a file of a model directory; anything else is one HFError."""
+  try:
+    # Symlinks are followed: Hugging Face's cache links every file to a blob.
+    with sources.open_regular(path, follow_symlinks=True) as f:
+      data = f.read(_MAX_JSON_BYTES + 1)
+  except OSError as e:
+    raise HFError(f'{path}: cannot be read ({e}).') from e
+  if len(data) > _MAX_JSON_BYTES:
+    raise HFError(f'{path}: over {_MAX_JSON_BYTES // 2**20} MiB, not a model config or index.')
+  try:
+    value = json.loads(data)
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    raise HFError(f'{path}: not valid JSON ({e}).') from e
+  if not isinstance(value, dict):
+    raise HFError(f'{path}: holds a JSON {type(value).__name__}, not a JSON object.')
+  return value
+
+
+def _positive(path, key, value, kind=int):
+  """value, if a positive int (kind=int) or finite positive number (kind=float)."""
+  # bool is an int to Python, never a size or an epsilon to config.json.
+  ok = not isinstance(value, bool) and isinstance(value, int if kind is int else (int, float))
+  try:
+    # JSON's NaN and Infinity load as floats; an int past float's range overflows.
+    ok = ok and math.isfinite(value) and value > 0
+  except OverflowError:
+    ok = False
+  if not ok:
+    noun = 'integer' if kind is int else 'number'
+    raise HFError(f'{path}: {key}={reprlib.repr(value)} must be a positive {noun}.')
+  return kind(value)
+
+
+def _default(hf: dict, key: str, default):
+  # null means "the default" in HF configs; 0 does not, and is checked as given.
+  return default if hf.get(key) is None else hf[key]
+
+
 def read_hf_config(directory) -> dict:
   """The `config.model` keys of a HF Llama directory's config.json.
 
@@ -128,18 +192,24 @@ def read_hf_config(directory) -> dict:
 
   Raises:
     FileNotFoundError: No config.json.
-    HFError: A key is missing, or asks for what clm_jax does not implement
-      (rope scaling, tied embeddings, biases, another architecture).
+    HFError: config.json is not a JSON object, a key is missing or not a
+      positive number, sizes disagree, or a key asks for what clm_jax does
+      not implement (rope scaling, tied embeddings, biases, another
+      architecture).
   """
   path = pathlib.Path(directory) / 'config.json'
-  if not path.is_file():
+  if not path.exists():
     raise FileNotFoundError(f'{path} does not exist: not a Hugging Face model directory.')
-  hf = json.loads(path.read_text())
-
-  def need(key):
+  hf = _read_json(path)
+  for key in _SIZES:
     if hf.get(key) is None:
       raise HFError(f'{path}: {key} is missing.')
-    return hf[key]
+  # Each size once, checked: a zero or negative one would divide by zero or
+  # make arrays of negative shape further on.
+  sizes = {key: _positive(path, key, hf[key]) for key in _SIZES}
+  sizes |= {
+    key: _positive(path, key, hf[key]) for key in _OPTIONAL_SIZES if hf.get(key) is not None
+  }
 
   for key, want in _FIXED.items():
     if key in hf and hf[key] != want:
@@ -147,26 +217,30 @@ def read_hf_config(directory) -> dict:
   # transformers 4 writes rope_theta + rope_scaling, 5 writes rope_parameters.
   for key in ('rope_scaling', 'rope_parameters'):
     rope = hf.get(key) or {}
-    if rope.get('rope_type', rope.get('type', 'default')) != 'default':
+    if (
+      not isinstance(rope, dict) or rope.get('rope_type', rope.get('type', 'default')) != 'default'
+    ):
       raise HFError(
         f'{path}: {key}={rope!r} is not supported: clm_jax implements plain RoPE '
         "(rope_type 'default') only."
       )
-  rope_theta = (hf.get('rope_parameters') or {}).get('rope_theta') or hf.get('rope_theta')
-  heads = need('num_attention_heads')
-  d_model = need('hidden_size')
+  rope_theta = _default(
+    hf.get('rope_parameters') or {}, 'rope_theta', _default(hf, 'rope_theta', 10000.0)
+  )
+  heads = sizes['num_attention_heads']
+  d_model = sizes['hidden_size']
   out = {
-    'vocab_size': need('vocab_size'),
+    'vocab_size': sizes['vocab_size'],
     'd_model': d_model,
-    'num_layers': need('num_hidden_layers'),
+    'num_layers': sizes['num_hidden_layers'],
     'num_heads': heads,
-    'num_kv_heads': hf.get('num_key_value_heads') or heads,
-    'mlp_dim': need('intermediate_size'),
-    'rope_theta': float(rope_theta or 10000.0),
-    'norm_eps': float(hf.get('rms_norm_eps', 1e-6)),
-    'max_seq_len': hf.get('max_position_embeddings') or 2048,
+    'num_kv_heads': sizes.get('num_key_value_heads', heads),
+    'mlp_dim': sizes['intermediate_size'],
+    'rope_theta': _positive(path, 'rope_theta', rope_theta, float),
+    'norm_eps': _positive(path, 'rms_norm_eps', _default(hf, 'rms_norm_eps', 1e-6), float),
+    'max_seq_len': sizes.get('max_position_embeddings', 2048),
   }
-  if d_model % heads or (hf.get('head_dim') or d_model // heads) != d_model // heads:
+  if d_model % heads or sizes.get('head_dim', d_model // heads) != d_model // heads:
     raise HFError(
       f'{path}: head_dim={hf.get("head_dim")} with hidden_size={d_model} and '
       f'num_attention_heads={heads}: clm_jax needs head_dim = hidden_size / num_attention_heads.'
@@ -179,14 +253,39 @@ def read_hf_config(directory) -> dict:
   return out
 
 
+@contextlib.contextmanager
+def _open_safetensors(file: pathlib.Path, tensor: str = ''):
+  """safetensors.safe_open of a regular file; whatever it cannot read, one HFError."""
+  what = f'{file}: {tensor}: ' if tensor else f'{file}: '
+  try:
+    # Not a FIFO or device (opening one would block, or map a device).
+    if not stat.S_ISREG(file.stat().st_mode):
+      raise HFError(f'{what}not a regular file.')
+    with safetensors.safe_open(file, framework='numpy') as f:
+      yield f
+  except (safetensors.SafetensorError, OSError) as e:
+    raise HFError(f'{what}cannot be read as safetensors: {e}.') from e
+
+
 def _tensor_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
   """HF tensor name -> the safetensors file holding it."""
   index = directory / INDEX_FILE
-  if index.is_file():
-    weight_map = json.loads(index.read_text())['weight_map']
+  if index.exists():
+    weight_map = _read_json(index).get('weight_map')
+    if not isinstance(weight_map, dict) or not all(
+      isinstance(name, str) and isinstance(file, str) for name, file in weight_map.items()
+    ):
+      raise HFError(
+        f'{index}: weight_map must map tensor names to file names; got {reprlib.repr(weight_map)}.'
+      )
+    for name, file in weight_map.items():
+      # By name, not by resolving symlinks: Hugging Face's cache links each
+      # file of the directory to a blob outside it, and that is fine.
+      if not records.is_relative_name(file):
+        raise HFError(f'{index}: weight_map puts {name} in {file!r}, outside {directory}: refused.')
     out = {name: directory / file for name, file in weight_map.items()}
     for file in sorted(set(out.values())):
-      if not file.is_file():
+      if not file.exists():
         raise FileNotFoundError(f'{index} names {file.name}, which does not exist.')
     return out
   files = sorted(directory.glob('*.safetensors'))
@@ -197,7 +296,7 @@ def _tensor_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
     )
   out = {}
   for file in files:
-    with safetensors.safe_open(file, framework='numpy') as f:
+    with _open_safetensors(file) as f:
       out.update(dict.fromkeys(f.keys(), file))
   return out
 
@@ -230,7 +329,7 @@ def _entries(num_layers: int) -> list[tuple[str, Key, int | None]]:
 def _read(file: pathlib.Path, name: str) -> np.ndarray:
   # A fresh safe_open per tensor: its memory map, and the page cache mapped
   # into this process, go away with it instead of growing to the file's size.
-  with safetensors.safe_open(file, framework='numpy') as f:
+  with _open_safetensors(file, name) as f:
     return f.get_tensor(name)
 
 
@@ -292,7 +391,7 @@ def load_hf(directory, mesh=None, dtype: str | None = None, *, progress: bool = 
   _check_names(directory, files, arch['num_layers'])
   if dtype is None:
     embed = KEYS[0].hf
-    with safetensors.safe_open(files[embed], framework='numpy') as f:
+    with _open_safetensors(files[embed], embed) as f:
       stored = f.get_slice(embed).get_dtype()
     names = {v: k for k, v in _DTYPE_NAMES.items()}
     if stored not in names:

@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import pathlib
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 
@@ -74,7 +75,7 @@ def prepare(
 
   Raises:
     records.DataError: `output` holds an unfinished preparation of other
-      inputs or options.
+      inputs or options, or the inputs hold no usable document.
     FileNotFoundError: An input or the tokenizer does not exist.
   """
   output = pathlib.Path(output).expanduser()
@@ -87,10 +88,13 @@ def prepare(
     raise ValueError(f'--languages: {sorted(unknown)} not among {sources.LANGUAGES}.')
   units = sources.list_units(inputs, files_per_unit=options.files_per_unit)
   work = output / WORK
+  created = not output.exists()
   _claim(work, inputs, units, tok, options)
 
   start = time.perf_counter()
   stats = _process_units(units, work, tok.path, options, workers or os.cpu_count() or 1, progress)
+  if not sum(unit['kept'] for unit in stats):
+    _refuse_empty(inputs, stats, output, created, keep_work)
   keep, heldout, dropped = _deduplicate(units, work, options, progress)
   shards = _write_shards(units, work, keep, heldout, output, tok, options, progress)
   manifest = _manifest(inputs, tok, options, stats, dropped, shards)
@@ -101,6 +105,26 @@ def prepare(
     shutil.rmtree(work)
   _summary(output, manifest)
   return json.loads((output / records.MANIFEST).read_text())  # As a reader will see it.
+
+
+def _refuse_empty(inputs, stats, output, created, keep_work) -> None:
+  """Raises instead of writing a dataset with no document; cleans up unless asked not to."""
+  dropped = {}
+  for unit in stats:
+    for reason, count in unit['dropped'].items():
+      dropped[reason] = dropped.get(reason, 0) + count
+  read = sum(unit['documents'] for unit in stats)
+  print(
+    f'warning: {read} inputs read, none usable: {dict(sorted(dropped.items()))}', file=sys.stderr
+  )
+  if not keep_work:
+    shutil.rmtree(output / WORK)
+    if created and not any(output.iterdir()):
+      output.rmdir()  # Else a rerun with fixed inputs would meet "another preparation".
+  raise records.DataError(
+    f'--input={",".join(map(str, inputs))}: no usable document ({read} inputs read, dropped: '
+    f'{dict(sorted(dropped.items()))}); nothing written to {output}.'
+  )
 
 
 def _claim(work, inputs, units, tok, options) -> None:
@@ -168,13 +192,15 @@ def _process_unit(index, unit, work, tokenizer_path, options) -> dict:
     tokenizer_path, tokenizer_lib.load(tokenizer_path)
   )
   dtype = records.token_dtype(tok.vocab_size)
-  dropped, documents, bytes_read = {}, 0, 0
+  dropped, damaged, documents, bytes_read = {}, [], 0, 0
   digests, signatures, tokens, sizes, languages = [], [], [], [], []
   with records.ShardWriter(_unit_path(work, index, '.array_record')) as writer:
     for item in sources.read_unit(unit, options.read):
       documents += 1
       if isinstance(item, sources.Skipped):
         dropped[item.reason] = dropped.get(item.reason, 0) + 1
+        if item.damaged:
+          damaged.append({'source': item.source, 'reason': item.reason})
         continue
       size = len(item.text.encode())
       bytes_read += size
@@ -212,6 +238,7 @@ def _process_unit(index, unit, work, tokenizer_path, options) -> dict:
     'documents': documents,
     'kept': kept,
     'dropped': dropped,
+    'damaged': damaged,
     'bytes_read': bytes_read,
   }
   _write_json(_unit_path(work, index, '.json'), stats)
@@ -280,7 +307,7 @@ def _write_shards(units, work, keep, heldout, output, tok, options, progress) ->
         number = sum(s['language'] == language for s in shards[split])
         name = f'{split}/{language}-{number:05d}.array_record'
         open_shards[key] = (
-          records.ShardWriter(output / name),
+          records.ShardWriter(_inside(output, name)),
           {'file': name, 'language': language, 'tokens': 0, 'documents_bytes': 0},
         )
       writer, info = open_shards[key]
@@ -294,6 +321,13 @@ def _write_shards(units, work, keep, heldout, output, tok, options, progress) ->
   for split in records.SPLITS:
     shards[split].sort(key=lambda s: s['file'])
   return shards
+
+
+def _inside(output: pathlib.Path, name: str) -> pathlib.Path:
+  """output / name, which must stay inside output (names hold languages from the data)."""
+  if not records.is_relative_name(name):
+    raise records.DataError(f'{output / name} is outside --output={output}: refused.')
+  return output / name
 
 
 def _manifest(inputs, tok, options, stats, dropped, shards) -> dict:
@@ -323,6 +357,10 @@ def _manifest(inputs, tok, options, stats, dropped, shards) -> dict:
       'kept': sum(entry['documents'] for entry in languages.values()),
       'dropped': dict(sorted((k, v) for k, v in dropped.items() if v)),
     },
+    # Inputs cut short (a truncated gzip) or unreadable as a whole: what of
+    # them was read is kept, the rest is lost.
+    # (.get: units finished by an older version, resumed, have no such list.)
+    'damaged_inputs': [entry for unit in stats for entry in unit.get('damaged', [])],
     'bytes_read': sum(unit['bytes_read'] for unit in stats),
     'languages': dict(sorted(languages.items())),
     'tokens_written': sum(entry['tokens'] for entry in languages.values()),
@@ -340,6 +378,10 @@ def _summary(output, manifest) -> None:
   )
   for reason, count in docs['dropped'].items():
     print(f'  dropped {reason}: {count:,}', flush=True)
+  for entry in manifest['damaged_inputs']:
+    print(
+      f'warning: {entry["source"]}: {entry["reason"]}; the rest of it is lost.', file=sys.stderr
+    )
 
 
 def _write_json(path: pathlib.Path, value) -> None:

@@ -185,8 +185,8 @@ def read_manifest(directory: str | os.PathLike) -> dict:
 
   Raises:
     DataError: No manifest (not prepared, or the preparation did not finish),
-      a manifest of another format, or a listed shard missing or of the wrong
-      size.
+      a manifest of another format, or a listed shard outside the directory,
+      missing or of the wrong size.
   """
   directory = pathlib.Path(directory).expanduser()
   path = directory / MANIFEST
@@ -203,6 +203,9 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     raise DataError(f'{path} has format {manifest.get("format")!r}, expected {FORMAT!r}.')
   for split in SPLITS:
     for shard in manifest['splits'][split]:
+      if not is_relative_name(shard['file']):
+        # A manifest from elsewhere must not point the reader at other files.
+        raise DataError(f'{path}: shard {shard["file"]!r} is outside {directory}: refused.')
       shard_path = directory / shard['file']
       if not shard_path.is_file():
         raise DataError(f'ArrayRecord shard {shard_path} is missing. Re-run `data prepare`.')
@@ -212,6 +215,17 @@ def read_manifest(directory: str | os.PathLike) -> dict:
           f'manifest says {shard["bytes"]}: it is corrupt or from another preparation.'
         )
   return manifest
+
+
+def is_relative_name(name: str) -> bool:
+  """Whether `name` joined to a directory stays inside it: relative, no '..'.
+
+  Checked on the name, not by resolving symlinks: a prepared directory may
+  hold symlinks of its owner's (a split on another disk), never a name from
+  data that climbs out of it.
+  """
+  path = pathlib.PurePath(name)
+  return bool(name) and not path.is_absolute() and '..' not in path.parts
 
 
 def file_sha256(path: str | os.PathLike) -> str:

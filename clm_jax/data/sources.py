@@ -8,15 +8,26 @@ files under one root and splits them into train and held-out sets.
 
 Languages are the five of the original run plus 'text', natural language
 about code (Markdown, reStructuredText, plain text).
+
+Both read only what they were given. Under an input directory only regular
+files are read; a symlink is never followed but counted by where it leads
+('symlink_outside', 'symlink_loop', 'symlink_inside'), and a FIFO, socket or
+device is counted as 'special_file' without being opened for reading. A
+language label from a dump is one of LANGUAGES or becomes 'unknown', since it
+names the output shard.
 """
 
 import dataclasses
+import errno
 import gzip
 import hashlib
+import io
 import json
 import os
 import pathlib
+import stat
 import sysconfig
+import zlib
 from collections.abc import Iterator
 from collections.abc import Sequence
 
@@ -65,12 +76,17 @@ _ALIASES = {
 READ_REASONS = (
   'unsupported_extension',
   'unreadable',
+  'special_file',  # A FIFO, socket or device: never read.
+  'symlink_outside',  # Leads out of the input directory: not followed.
+  'symlink_loop',  # A directory symlink to its own ancestor, or a cycle of symlinks.
+  'symlink_inside',  # Leads inside the input directory, which is read under its own path.
   'binary',
   'encoding',
   'empty',
   'too_large',
   'bad_json',
   'missing_field',
+  'truncated',  # A compressed stream ends early: the record being read and all after it.
 )
 JSONL_SUFFIXES = ('.jsonl', '.jsonl.gz', '.json.gz', '.ndjson')
 
@@ -81,6 +97,13 @@ _MAX_FILE_BYTES = 1 << 20
 _EXCLUDED_DIRS = frozenset(
   {'site-packages', 'dist-packages', '__pycache__', '.git', '.hg', '.svn', 'node_modules'}
 )
+# O_NONBLOCK: opening a FIFO would wait for a writer forever; the fstat after
+# the open refuses it, and on a regular file the flag changes nothing.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, 'O_CLOEXEC', 0)
+
+
+class NotRegularFile(OSError):
+  """A symlink, FIFO, socket, device or directory where a regular file is read."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +117,7 @@ class Document:
 class Skipped:
   reason: str  # One of READ_REASONS.
   source: str
+  damaged: bool = False  # The rest of an input file is lost with it: name the file.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,9 +155,48 @@ def language_of(path: str | os.PathLike) -> str | None:
 
 
 def normalize_language(value: str) -> str:
-  """Maps a dump's language label ('C++', 'Python') to ours ('cpp', 'python')."""
+  """Maps a dump's language label ('C++', 'Python') to ours ('cpp', 'python').
+
+  A label outside LANGUAGES ('Rust', '../../x') is 'unknown': languages name
+  output files, so they come from a fixed set, never from the data.
+  """
   key = value.strip().lower()
-  return _ALIASES.get(key, key)
+  language = _ALIASES.get(key, key)
+  return language if language in LANGUAGES else 'unknown'
+
+
+def open_regular(path: str | os.PathLike, *, follow_symlinks: bool = False) -> io.BufferedReader:
+  """Opens a regular file to read; never blocks on a FIFO or reads a device.
+
+  The type is checked on the opened descriptor (fstat), so a file swapped
+  after a listing is caught too.
+
+  Args:
+    path: The file.
+    follow_symlinks: Open what a final symlink leads to; False refuses it
+      (O_NOFOLLOW).
+
+  Raises:
+    NotRegularFile: path is a symlink (unless followed), FIFO, socket, device
+      or directory.
+    OSError: It cannot be opened.
+  """
+  flags = _OPEN_FLAGS | (0 if follow_symlinks else getattr(os, 'O_NOFOLLOW', 0))
+  try:
+    fd = os.open(path, flags)
+  except OSError as e:
+    if e.errno == errno.ELOOP and not follow_symlinks:
+      raise NotRegularFile(f'{os.fspath(path)} is a symlink: not followed.') from e
+    raise
+  try:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+      raise NotRegularFile(
+        f'{os.fspath(path)} is not a regular file (a FIFO, socket, device or directory): not read.'
+      )
+    return os.fdopen(fd, 'rb')
+  except BaseException:
+    os.close(fd)
+    raise
 
 
 def list_units(inputs: Sequence[str], *, files_per_unit: int = 256) -> list[Unit]:
@@ -151,6 +214,10 @@ def list_units(inputs: Sequence[str], *, files_per_unit: int = 256) -> list[Unit
   units = []
   for raw in inputs:
     path = pathlib.Path(raw).expanduser()
+    if path.is_symlink() and not path.is_dir():
+      # A file named on the command line is what the user chose, even through
+      # a symlink; only what lies under a named directory is confined to it.
+      path = path.resolve()
     if path.is_dir():
       files = _walk(path)
       for start in range(0, len(files), files_per_unit):
@@ -171,7 +238,7 @@ def read_unit(unit: Unit, options: ReadOptions) -> Iterator[Document | Skipped]:
   """Yields a unit's documents, and a `Skipped` for each unusable input in it."""
   if unit.kind == 'files':
     for path in unit.files:
-      yield read_file(path, options)
+      yield read_file(path, options, root=unit.path)
   elif unit.kind == 'jsonl':
     yield from _read_jsonl(unit.path, options)
   elif unit.kind == 'parquet':
@@ -180,19 +247,59 @@ def read_unit(unit: Unit, options: ReadOptions) -> Iterator[Document | Skipped]:
     raise ValueError(f'Unknown unit kind {unit.kind!r}.')
 
 
-def read_file(path: str, options: ReadOptions) -> Document | Skipped:
-  """Reads one source file, or says why it is not a usable document."""
+def read_file(
+  path: str, options: ReadOptions, root: str | os.PathLike | None = None
+) -> Document | Skipped:
+  """Reads one source file, or says why it is not a usable document.
+
+  Args:
+    path: The file.
+    options: The size limit.
+    root: The input directory `path` was found under: a symlink is not
+      followed but skipped by where it leads (see READ_REASONS). None: the
+      path was named by the user, and a symlink is followed.
+  """
+  try:
+    mode = os.lstat(path).st_mode
+  except OSError:
+    return Skipped('unreadable', path)
+  if stat.S_ISLNK(mode) and root is not None:
+    return Skipped(_symlink_reason(path, root), path)
+  if stat.S_ISDIR(mode):  # A directory os.walk could not list.
+    return Skipped('unreadable', path)
+  if not stat.S_ISREG(mode) and not stat.S_ISLNK(mode):
+    return Skipped('special_file', path)
   language = language_of(path)
   if language is None:
     return Skipped('unsupported_extension', path)
   try:
-    if os.path.getsize(path) > options.max_document_bytes:
-      return Skipped('too_large', path)
-    with open(path, 'rb') as f:
-      data = f.read()
+    with open_regular(path, follow_symlinks=root is None) as f:
+      # At most one byte past the limit, whatever a stat said: a file can
+      # grow, and some (in /proc) report size 0.
+      data = f.read(options.max_document_bytes + 1)
+  except NotRegularFile:
+    return Skipped('special_file', path)
   except OSError:
     return Skipped('unreadable', path)
   return _document(data, language, path, options)
+
+
+def _within(path: str, directory: str) -> bool:
+  return os.path.commonpath([path, directory]) == directory
+
+
+def _symlink_reason(path: str, root: str | os.PathLike) -> str:
+  """Where a symlink under root leads, as a skip reason."""
+  target = os.path.realpath(path)
+  if not _within(target, os.path.realpath(root)):
+    return 'symlink_outside'
+  try:
+    mode = os.stat(path).st_mode
+  except OSError as e:
+    return 'symlink_loop' if e.errno == errno.ELOOP else 'unreadable'
+  if stat.S_ISDIR(mode) and _within(os.path.realpath(os.path.dirname(path)), target):
+    return 'symlink_loop'
+  return 'symlink_inside'
 
 
 def _document(data: bytes, language: str, source: str, options: ReadOptions):
@@ -218,7 +325,7 @@ def _text_document(text: str, language: str, source: str):
 def _record_language(record: dict, options: ReadOptions) -> str:
   value = record.get(options.language_field) if options.language_field else None
   if isinstance(value, str) and value:
-    return normalize_language(value)
+    return normalize_language(value)  # Never a path: it names a shard.
   path = record.get(options.path_field) if options.path_field else None
   if isinstance(path, str):
     return language_of(path) or 'unknown'
@@ -237,12 +344,30 @@ def _record_document(record, options: ReadOptions, source: str):
 
 
 def _read_jsonl(path: str, options: ReadOptions) -> Iterator[Document | Skipped]:
-  opener = gzip.open if path.lower().endswith('.gz') else open
-  line_number = 0
   try:
-    with opener(path, 'rb') as f:
-      for line_number, line in enumerate(f, start=1):
+    raw = open_regular(path, follow_symlinks=True)  # Named by the user.
+  except NotRegularFile:
+    yield Skipped('special_file', path, damaged=True)
+    return
+  except OSError:
+    yield Skipped('unreadable', path, damaged=True)
+    return
+  # The longest line read whole: a document at the size limit JSON-escaped
+  # (at most 6 bytes per byte, as \uXXXX) with room for its other fields. A
+  # longer one is skipped in pieces, so no line (nor gzip bomb) fills memory.
+  max_line = 6 * options.max_document_bytes + (1 << 16)
+  line_number = 0
+  with raw:
+    f = gzip.GzipFile(fileobj=raw, mode='rb') if path.lower().endswith('.gz') else raw
+    try:
+      while line := f.readline(max_line + 1):
+        line_number += 1
         source = f'{path}:{line_number}'
+        if len(line) > max_line and not line.endswith(b'\n'):
+          while (rest := f.readline(1 << 20)) and not rest.endswith(b'\n'):
+            pass
+          yield Skipped('too_large', source)
+          continue
         if not line.strip():
           continue
         try:
@@ -254,30 +379,40 @@ def _read_jsonl(path: str, options: ReadOptions) -> Iterator[Document | Skipped]
           yield Skipped('bad_json', source)
           continue
         yield _record_document(record, options, source)
-  except (OSError, EOFError, gzip.BadGzipFile):
-    # A truncated or corrupt file: what was read stays, the rest is one skip.
-    yield Skipped('unreadable', f'{path}:{line_number + 1}')
+    except EOFError:
+      # The stream ends early: every whole line before was read; the one being
+      # read is lost, and how many came after it no reader can know.
+      yield Skipped('truncated', f'{path}:{line_number + 1}', damaged=True)
+    except (OSError, zlib.error):  # gzip.BadGzipFile is an OSError.
+      yield Skipped('unreadable', f'{path}:{line_number + 1}', damaged=True)
 
 
 def _row_groups(path: pathlib.Path) -> int:
   try:
-    return pq.ParquetFile(path).num_row_groups
+    with open_regular(path, follow_symlinks=True) as f:
+      return pq.ParquetFile(f).num_row_groups
   except Exception:  # noqa: BLE001  pyarrow raises many types; the unit reports it.
     return 1  # One unit that reads as 'unreadable'.
 
 
 def _read_parquet(path: str, row_group: int, options: ReadOptions):
+  source = f'{path} row group {row_group}'
   try:
-    pf = pq.ParquetFile(path)
-    names = set(pf.schema_arrow.names)
-    columns = [
-      name
-      for name in (options.text_field, options.language_field, options.path_field)
-      if name and name in names
-    ]
-    table = pf.read_row_group(row_group, columns=columns)
+    # Opened here, not by pyarrow: a FIFO named *.parquet must not block.
+    with open_regular(path, follow_symlinks=True) as f:
+      pf = pq.ParquetFile(f)
+      names = set(pf.schema_arrow.names)
+      columns = [
+        name
+        for name in (options.text_field, options.language_field, options.path_field)
+        if name and name in names
+      ]
+      table = pf.read_row_group(row_group, columns=columns)
+  except NotRegularFile:
+    yield Skipped('special_file', source, damaged=True)
+    return
   except Exception:  # noqa: BLE001
-    yield Skipped('unreadable', f'{path} row group {row_group}')
+    yield Skipped('unreadable', source, damaged=True)
     return
   offset = sum(pf.metadata.row_group(i).num_rows for i in range(row_group))
   for i, record in enumerate(table.to_pylist()):
@@ -285,13 +420,20 @@ def _read_parquet(path: str, row_group: int, options: ReadOptions):
 
 
 def _walk(root: pathlib.Path) -> list[pathlib.Path]:
-  """Every file under root, outside excluded directories, sorted by relative path."""
-  files = []
-  for dirpath, dirnames, filenames in os.walk(root):
+  """Every entry under root to read or to count, sorted by relative path.
+
+  Files of any type, symlinks to directories (never descended: `read_file`
+  counts them) and directories that cannot be listed, outside excluded
+  directories.
+  """
+  entries = []
+  for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: entries.append(e.filename)):
     # Pruning in place keeps os.walk out of site-packages, which can hold many
     # times more files than the standard library itself.
     dirnames[:] = [d for d in dirnames if d not in _EXCLUDED_DIRS]
-    files.extend(pathlib.Path(dirpath, name) for name in filenames)
+    links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+    entries.extend(os.path.join(dirpath, name) for name in filenames + links)
+  files = [pathlib.Path(entry) for entry in entries]
   files.sort(key=lambda p: p.relative_to(root).as_posix())
   return files
 
@@ -319,10 +461,10 @@ def corpus_root(c_data: ml_collections.ConfigDict) -> pathlib.Path:
 def list_files(c_data: ml_collections.ConfigDict) -> list[pathlib.Path]:
   """Lists the files of a raw-source corpus, sorted by path relative to the root.
 
-  These are the files of a corpus language (for 'stdlib', only *.py) outside
-  excluded directories (site-packages, VCS metadata) that are valid UTF-8, at
-  most 1 MiB and not blank (empty `__init__.py` files would teach the model
-  only BOS then EOS).
+  These are the regular files (no symlinks, FIFOs or devices) of a corpus
+  language (for 'stdlib', only *.py) outside excluded directories
+  (site-packages, VCS metadata) that are valid UTF-8, at most 1 MiB and not
+  blank (empty `__init__.py` files would teach the model only BOS then EOS).
 
   Args:
     c_data: The `data` config subtree.
@@ -341,7 +483,9 @@ def list_files(c_data: ml_collections.ConfigDict) -> list[pathlib.Path]:
     # The standard library's corpus is its *.py files, as it always was.
     if c_data.source == 'stdlib' and path.suffix != '.py' or language_of(path) is None:
       continue
-    if isinstance(read_file(str(path), options), Document):
+    # Regular files only: a symlink is skipped even when it stays inside the
+    # root, where it would only repeat a file in the corpus.
+    if isinstance(read_file(str(path), options, root=root), Document):
       files.append(path)
   if not files:
     raise ValueError(
@@ -410,10 +554,12 @@ def stable_int(text: str) -> int:
 
 
 def read_text(path: pathlib.Path | str) -> str:
-  """Reads a UTF-8 file exactly: CRLF stays CRLF, as the tokenizer sees it.
+  """Reads a UTF-8 regular file exactly: CRLF stays CRLF, as the tokenizer sees it.
 
   Raises:
+    NotRegularFile: path is a symlink, FIFO, socket or device (a corpus
+      file swapped after `list_files` listed it).
     UnicodeDecodeError: The file is not valid UTF-8.
   """
-  with open(path, encoding='utf-8', newline='') as f:
-    return f.read()
+  with open_regular(path) as f:
+    return f.read().decode('utf-8')

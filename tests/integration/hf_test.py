@@ -13,6 +13,8 @@ import safetensors.numpy
 import torch
 import transformers
 
+from tests.helpers import cli
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 VOCAB = 416  # Room for the test tokenizer's 400 pieces.
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, (2, 24))
@@ -113,3 +115,35 @@ def test_host_memory_stays_about_two_of_the_largest_tensor(tmp_path):
     got = f.get_tensor('model.layers.1.mlp.down_proj.weight')
   with safetensors.safe_open(tmp_path / 'model.safetensors', framework='numpy') as f:
     np.testing.assert_array_equal(got, f.get_tensor('model.layers.1.mlp.down_proj.weight'))
+
+
+def _huge_header(directory):
+  path = directory / 'model.safetensors'
+  path.write_bytes((2**62).to_bytes(8, 'little') + path.read_bytes()[8:])
+
+
+def _no_heads(directory):
+  config = json.loads((directory / 'config.json').read_text())
+  (directory / 'config.json').write_text(json.dumps({**config, 'num_attention_heads': 0}))
+
+
+@pytest.mark.parametrize(
+  'break_it, file, match',
+  [
+    (_no_heads, 'config.json', 'num_attention_heads=0 must be a positive integer'),
+    (_huge_header, 'model.safetensors', 'header too large'),
+  ],
+)
+def test_convert_from_a_hostile_directory_is_one_error_line(tmp_path, break_it, file, match):
+  model = tmp_path / 'model'
+  model.mkdir()
+  _numpy_llama(model, 32, 16, 32, 2, 4)
+  break_it(model)
+  out = cli.launch(
+    'convert', '--config=configs/default.py', f'--from_hf={model}',
+    f'--output={tmp_path / "out"}', cache=tmp_path, check=False,
+  )  # fmt: skip
+  assert out.returncode != 0 and 'Traceback' not in out.stderr, out.stderr[-3000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith(f'error: {model / file}: ') and match in last, last
+  assert not (tmp_path / 'out').exists()

@@ -364,6 +364,84 @@ def test_bad_inputs_name_the_file_and_key(tmp_path, break_it, error, match):
     hf.load_hf(tmp_path, progress=False)
 
 
+def _index_outside(name):
+  """Moves the tensors beside the model directory and indexes them there as `name`."""
+
+  def break_it(directory):
+    outside = directory.parent / 'outside.safetensors'
+    (directory / 'model.safetensors').rename(outside)
+    with safetensors.safe_open(outside, framework='numpy') as f:
+      weight_map = dict.fromkeys(f.keys(), name.format(parent=directory.parent))
+    (directory / hf.INDEX_FILE).write_text(json.dumps({'weight_map': weight_map}))
+
+  return break_it
+
+
+def _cut_safetensors(directory):
+  path = directory / 'model.safetensors'
+  data = path.read_bytes()
+  path.write_bytes(data[: len(data) // 2])
+
+
+def _huge_header(directory):
+  path = directory / 'model.safetensors'
+  data = path.read_bytes()
+  path.write_bytes((2**62).to_bytes(8, 'little') + data[8:])
+
+
+def _write(name, text):
+  return lambda d: (d / name).write_text(text)
+
+
+@pytest.mark.parametrize(
+  'break_it, match',
+  [
+    pytest.param(
+      _index_outside('../outside.safetensors'),
+      r'model\.safetensors\.index\.json: .*\.\./outside\.safetensors.*outside',
+      id='index_names_outside',
+    ),
+    pytest.param(
+      _index_outside('{parent}/outside.safetensors'),
+      r'model\.safetensors\.index\.json: .*/outside\.safetensors.*outside',
+      id='index_names_an_absolute_path',
+    ),
+    pytest.param(
+      _write('config.json', '{"model_type": "llama",'), r'config\.json: not valid JSON', id='config'
+    ),
+    pytest.param(_write('config.json', '[1, 2]'), r'config\.json: .*not a JSON object', id='list'),
+    pytest.param(
+      _write(hf.INDEX_FILE, '{"weight_map": '),
+      r'model\.safetensors\.index\.json: not valid JSON',
+      id='index_json',
+    ),
+    pytest.param(
+      _write(hf.INDEX_FILE, '{"metadata": {}}'),
+      r'model\.safetensors\.index\.json: weight_map',
+      id='index_without_weight_map',
+    ),
+    pytest.param(_cut_safetensors, r'model\.safetensors: .*incomplete', id='truncated'),
+    pytest.param(_huge_header, r'model\.safetensors: .*header too large', id='huge_header'),
+    pytest.param(_config(num_attention_heads=0), 'num_attention_heads=0', id='heads_0'),
+    pytest.param(_config(hidden_size=-16), 'hidden_size=-16', id='negative_size'),
+    pytest.param(_config(num_hidden_layers=0), 'num_hidden_layers=0', id='layers_0'),
+    pytest.param(_config(num_key_value_heads=0), 'num_key_value_heads=0', id='kv_heads_0'),
+    pytest.param(_config(vocab_size='32'), "vocab_size='32'", id='size_as_text'),
+    pytest.param(_config(intermediate_size=True), 'intermediate_size=True', id='size_as_bool'),
+    pytest.param(_config(rms_norm_eps=-1.0), 'rms_norm_eps=-1.0', id='negative_eps'),
+    pytest.param(_config(rope_scaling='linear'), "rope_scaling='linear'", id='rope_as_text'),
+  ],
+)
+def test_hostile_files_give_one_error_naming_the_file_and_key(tmp_path, break_it, match):
+  directory = tmp_path / 'model'
+  directory.mkdir()
+  _numpy_llama(directory, 32, 16, 32, 2, 4)
+  break_it(directory)
+  with pytest.raises(hf.HFError, match=match) as info:
+    hf.load_hf(directory, progress=False)
+  assert str(directory) in str(info.value)
+
+
 def test_load_names_what_it_expects(tmp_path):
   with pytest.raises(FileNotFoundError, match='params-only checkpoint'):
     clm_jax.load(tmp_path)

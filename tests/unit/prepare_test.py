@@ -136,7 +136,7 @@ def _read_all(output, manifest):
 
 
 def test_every_bad_input_is_skipped_and_counted(prepared):
-  _, keep, _, manifest, _ = prepared
+  inputs, keep, _, manifest, _ = prepared
   dropped = dict(manifest['documents']['dropped'])
   # One long-lined .js file; either rule may claim it first.
   assert dropped.pop('minified', 0) + dropped.pop('max_line_length', 0) == 1
@@ -150,11 +150,14 @@ def test_every_bad_input_is_skipped_and_counted(prepared):
     'missing_field': 3,  # JSONL: no field, a number; Parquet: a null.
     'near_duplicate': 1,
     'too_large': 1,
-    'unreadable': 2,  # A dangling symlink; a truncated gzip.
+    'truncated': 1,  # A gzip cut inside its first block.
+    'unreadable': 1,  # A dangling symlink.
     'unsupported_extension': 1,
   }
   docs = manifest['documents']
   assert docs['read'] == docs['kept'] + sum(docs['dropped'].values())
+  cut = next(p for p in inputs if p.endswith('cut.jsonl.gz'))
+  assert manifest['damaged_inputs'] == [{'source': f'{cut}:1', 'reason': 'truncated'}]
 
 
 def test_kept_documents_decode_exactly_and_counts_add_up(prepared, tok):
