@@ -29,6 +29,11 @@ _SPLIT = flags.DEFINE_enum(
 _SAMPLES = flags.DEFINE_integer('samples', 1, 'eval humaneval: completions per problem.')
 _PROBLEMS = flags.DEFINE_integer('problems', 0, 'eval humaneval, mbpp: only the first N; 0 = all.')
 _BATCH = flags.DEFINE_integer('batch_size', 16, 'eval humaneval, mbpp: prompts generated at once.')
+_ALLOW_WEAKER = flags.DEFINE_bool(
+  'allow_weaker_sandbox',
+  False,
+  'eval humaneval, mbpp: run the code sandbox even where an isolation layer is missing.',
+)
 
 
 def _load():
@@ -114,6 +119,7 @@ def _code_eval(model, out_dir) -> dict:
     out_dir=out_dir,
     split=_SPLIT.value,
     data_path=_DATA.value,
+    allow_weaker=_ALLOW_WEAKER.value,
   )
 
 

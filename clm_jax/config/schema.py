@@ -63,6 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.code_eval_tasks = 'humaneval'  # Comma-separated: humaneval, mbpp (3-shot, test split).
   t.code_eval_problems = 0  # The first N problems of each task; 0 = all.
   t.code_eval_max_new_tokens = 384  # Most tokens per completion.
+  t.code_eval_allow_weaker_sandbox = False  # Run code evals where a sandbox layer is missing.
   t.max_nonfinite = 10  # Consecutive non-finite steps (skipped) before the run stops.
   t.peak_tflops = 0.0  # Device bf16 peak for MFU; 0 = look up the device kind.
 
@@ -107,6 +108,7 @@ def get_config() -> ml_collections.ConfigDict:
   p.target_days = 0.0  # A wall-clock target; the plan gives the MFU it needs. 0 = none.
   # GPU-hours a source reports for the run, checked against devices x target_days; 0 = none.
   p.claimed_gpu_hours = 0.0
+  p.devices_per_node = 8  # GPUs per host: the plan names the mesh axes whose groups span hosts.
 
   c.lock()
   return c

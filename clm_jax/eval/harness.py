@@ -4,7 +4,9 @@ Scores are pass@k (Chen et al. 2021, https://arxiv.org/abs/2107.03374) for k
 in 1, 10, 100 up to the number of samples per problem. The model side is a
 function `complete(prompts) -> completions`, so this module needs neither JAX
 nor a model. Generation and execution overlap: each batch of completions runs
-in the sandbox while the model writes the next.
+in the sandbox while the model writes the next. Each completion becomes a
+`sandbox.Program`: the completion untrusted, the benchmark's test trusted, so
+that the verdict is the judge's and not the completion's.
 """
 
 import collections
@@ -88,7 +90,7 @@ def make_complete(
 def evaluate_programs(
   complete: Callable[[list[str]], Sequence[str]],
   prompts: Mapping[Hashable, str],
-  make_program: Callable[[Hashable, str], str],
+  make_program: Callable[[Hashable, str], sandbox.Program],
   *,
   name: str,
   stop_sequences: Sequence[str],
@@ -100,14 +102,15 @@ def evaluate_programs(
   timeout: float,
   limits: sandbox.Limits | None = None,
   max_workers: int | None = None,
+  allow_weaker: bool = False,
 ) -> dict:
   """Scores `complete` on any prompt -> program benchmark (HumanEval, MBPP).
 
   Args:
     complete: Prompts -> one completion each.
     prompts: Task id -> prompt, in the order to report them.
-    make_program: (task id, truncated completion) -> the program that runs to
-      the end iff the completion solves the task.
+    make_program: (task id, truncated completion) -> the program (untrusted
+      code and trusted test) that passes iff the completion solves the task.
     name: The benchmark, for the logs.
     stop_sequences: Each completion is cut at the first of these (`truncate`).
     samples: Completions per task (n in pass@k).
@@ -117,10 +120,16 @@ def evaluate_programs(
     timeout: Wall-clock seconds per program.
     limits: Sandbox resource limits; default `sandbox.Limits()`.
     max_workers: Programs run at once; default `sandbox.workers()`, one per CPU.
+    allow_weaker: Run even where a sandbox layer is missing (`sandbox.require`
+      logs a WARNING naming each); else that is an error before any generation.
 
   Returns:
     `summarize`'s dict plus 'seconds'.
+
+  Raises:
+    sandbox.SandboxError: A sandbox layer is missing and `allow_weaker` is False.
   """
+  sandbox.require(allow_weaker)
   start = time.time()
   jobs = [(task_id, i) for task_id in prompts for i in range(samples)]
   rows = []
@@ -133,7 +142,11 @@ def evaluate_programs(
       for (task_id, i), raw in zip(batch, completions, strict=True):
         completion = truncate(raw, stop_sequences)
         run = pool.submit(
-          sandbox.run, make_program(task_id, completion), timeout=timeout, limits=limits
+          sandbox.run,
+          make_program(task_id, completion),
+          timeout=timeout,
+          limits=limits,
+          allow_weaker=allow_weaker,
         )
         rows.append(({'task_id': task_id, 'sample': i, 'completion': completion}, run))
       logging.log_every_n_seconds(

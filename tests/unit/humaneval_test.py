@@ -9,6 +9,7 @@ import pytest
 
 from clm_jax.eval import harness
 from clm_jax.eval import humaneval
+from clm_jax.eval import sandbox
 
 PROBLEMS = humaneval.load_problems()
 
@@ -151,8 +152,12 @@ def test_the_program_runs_the_problems_check():
     'test': 'def check(c):\n  assert c() == 1\n',
     'entry_point': 'f',
   }
-  assert humaneval.program(problem, '    return 1') == (
-    'def f():\n    return 1\ndef check(c):\n  assert c() == 1\n\ncheck(f)'
+  # The completion is untrusted; the prompt runs again on the judge's side.
+  assert humaneval.program(problem, '    return 1') == sandbox.Program(
+    untrusted='def f():\n    return 1\n',
+    test='def check(c):\n  assert c() == 1\n\ncheck(f)\n',
+    prelude='def f():\n',
+    entry_points=('f',),
   )
 
 

@@ -7,11 +7,13 @@ import pytest
 
 from clm_jax.eval import harness
 from clm_jax.eval import mbpp
+from clm_jax.eval import sandbox
 
 TASKS = mbpp.load()
 # data/mbpp/README.md: reference solutions that fail on current CPython
-# (set iteration order, sys.getsizeof), by split.
-KNOWN_FAILURES = {'test': {341}, 'validation': {596}, 'train': {642}}
+# (set iteration order, sys.getsizeof), by split. 341 (a set's order) passes
+# now: the set reaches the solution rebuilt, in an order its test expects.
+KNOWN_FAILURES = {'test': set(), 'validation': {596}, 'train': {642}}
 # A fake model finds the task by what the prompt ends with: the last task's
 # text and tests (two tasks share their tests, none their text and tests).
 _BY_END = {
@@ -132,11 +134,27 @@ def test_the_prompt_of_task_11_is_exactly_the_3_shot_layout():
   assert mbpp.prompt(TASKS[11], [TASKS[2], TASKS[3], TASKS[4]]) == expected
 
 
-def test_the_program_is_completion_setup_then_asserts():
-  task = {'test_setup_code': 'x = 1', 'test_list': ['assert f(x) == 2', 'assert f(0) == 1']}
-  assert mbpp.program(task, 'def f(a):\n  return a + 1') == (
-    'def f(a):\n  return a + 1\nx = 1\nassert f(x) == 2\nassert f(0) == 1\n'
+def test_the_program_is_the_completion_judged_by_setup_then_asserts():
+  task = {
+    'test_setup_code': 'x = 1',
+    'test_list': ['assert f(x) == 2', 'assert len([f(y) for y in (0,)]) == 1'],
+    'code': 'def f(a):\n  return a + 1',
+  }
+  # The tests take f from the completion, and len and y never.
+  assert mbpp.program(task, 'def f(a):\n  return a + 1') == sandbox.Program(
+    untrusted='def f(a):\n  return a + 1',
+    test='x = 1\nassert f(x) == 2\nassert len([f(y) for y in (0,)]) == 1\n',
+    entry_points=('f',),
   )
+
+
+@pytest.mark.parametrize(
+  'task_id, names',
+  [(11, ('remove_Occ',)), (126, ('sum',)), (367, ('Node', 'is_tree_balanced'))],
+)
+def test_entry_points_are_what_the_tests_take_from_the_solution(task_id, names):
+  # 126's solution is a function named sum, which its tests call.
+  assert mbpp.entry_points(TASKS[task_id]) == names
 
 
 @pytest.mark.parametrize('split', ['test', 'validation'])
@@ -149,7 +167,8 @@ def test_reference_solutions_pass_except_the_known_failures(split, tmp_path):
   count = len(mbpp.SPLITS[split])
   assert summary['pass@1'] == pytest.approx((count - len(failed)) / count)
   assert (summary['problems'], summary['samples']) == (count, 1)
-  assert summary['statuses'] == {'passed': count - len(failed), 'failed': len(failed)}
+  statuses = {'passed': count - len(failed), 'failed': len(failed)}
+  assert summary['statuses'] == {status: n for status, n in statuses.items() if n}
   assert [r['task_id'] for r in records] == list(mbpp.SPLITS[split])
   assert all(
     set(r) == {'task_id', 'sample', 'completion', 'passed', 'status', 'detail'} for r in records
@@ -298,3 +317,17 @@ def test_a_file_short_of_the_split_or_the_shots_is_refused(tmp_path):
   no_shots = _write(tmp_path, [json.dumps(t) for t in TASKS.values() if t['task_id'] != 3])
   with pytest.raises(mbpp.MBPPError, match=r'no few-shot task\(s\) \[3\]'):
     mbpp.evaluate_mbpp(_reference, data_path=no_shots, task_ids=[11])
+
+
+def test_tests_that_do_not_parse_are_named_before_any_generation(tmp_path):
+  lines = [json.dumps(TASKS[task_id]) for task_id in range(1, 511)]
+  broken = dict(TASKS[11], test_list=['assert remove_Occ("hello","l") == "heo"', 'assert ('])
+  lines[10] = json.dumps(broken)
+  asked = []
+  with pytest.raises(mbpp.MBPPError, match=r'task 11: its tests do not parse'):
+    mbpp.evaluate_mbpp(
+      lambda prompts: asked.extend(prompts) or [''] * len(prompts),
+      data_path=_write(tmp_path, lines),
+      task_ids=[11],
+    )
+  assert asked == []
