@@ -13,6 +13,9 @@ Commands:
   slurm             Write an sbatch script that trains the config on --nodes nodes.
   sweep             Run the trials of a sweep file (--config=configs/sweeps/NAME.py).
 
+`python -m launch COMMAND --help` lists the flags COMMAND takes; any other flag, an
+unknown config key or a broken config file is a one-line error.
+
 `train` joins a multi-process run given --coordinator_address, --num_processes
 and --process_id (or JAX_* variables, or under srun / mpirun); --spawn=N runs
 N such processes on this machine.
@@ -43,34 +46,40 @@ Examples:
 import sys
 
 from absl import app
-from absl import flags
 from absl import logging
 
+from launch import arguments
 from launch import cluster
 from launch import common
 from launch import convert
 from launch import data
 from launch import inference
 from launch import planning
+from launch import preflight
 from launch import training
 
 # Each command's flags live in its module; importing them defines the flags.
-_RUN = {
-  **training.COMMANDS,
-  **planning.COMMANDS,
-  **data.COMMANDS,
-  **convert.COMMANDS,
-  **inference.COMMANDS,
-  **cluster.COMMANDS,
+_MODULES = (training, planning, data, convert, inference, cluster)
+_RUN = {name: run for module in _MODULES for name, run in module.COMMANDS.items()}
+# A command takes the flags of the module that runs it (any added there later too),
+# launch.common's and absl's, and these of other modules: all of one, or one by name.
+_BORROWS = {
+  'generate': ('checkpoint',),
+  'eval': ('checkpoint',),
+  'slurm': (training,),  # The script runs `train` with them.
+  'sweep': training.DISTRIBUTED_FLAGS,  # A multi-host trial joins with these.
+}
+_TAKES = {
+  name: (module, *_BORROWS.get(name, ())) for module in _MODULES for name in module.COMMANDS
 }
 
 
 def main(argv):
   command = ' '.join(argv[1:])
-  if command not in _RUN:
-    raise app.UsageError(f'usage: python -m launch {{{"|".join(_RUN)}}} [flags]; got {argv[1:]}')
-  if flags.FLAGS.spawn and command != 'train':
-    raise app.UsageError('--spawn runs `train` only.')
+  try:
+    preflight.check(command)
+  except app.UsageError as e:
+    sys.exit(f'error: {e}')
   logging.get_absl_handler().addFilter(common.QuietLibraries())
   # Imported here so that `--help` and usage errors need no JAX start-up.
   from clm_jax import config as config_lib
@@ -84,6 +93,7 @@ def main(argv):
   try:
     _RUN[command]()
   except (
+    app.UsageError,
     config_lib.ConfigError,
     records.DataError,
     checkpoint.CheckpointError,
@@ -93,18 +103,24 @@ def main(argv):
     mbpp.MBPPError,
     FileNotFoundError,
     FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
   ) as e:
     sys.exit(f'error: {e}')
 
 
 def _parse(argv: list[str]):
-  """absl's parsing, except that `sweep --config=FILE` names a sweep file, not a config."""
+  """`arguments.parse`, except that `sweep --config=FILE` names a sweep file, not a config."""
   if 'sweep' in argv[1:]:
     argv = [
       '--sweep_file' + arg[len('--config') :] if arg.split('=')[0] == '--config' else arg
       for arg in argv
     ]
-  return app.parse_flags_with_usage(argv)
+  try:
+    return arguments.parse(argv, _TAKES, __doc__)
+  except app.UsageError as e:
+    sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

@@ -7,12 +7,14 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-_CONFIGS = pathlib.Path(__file__).resolve().parent.parent / 'configs'
+DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / 'configs' / 'default.py'
 
+# No default here: config_flags would load it, and apply --config.KEY overrides, at import,
+# before arguments.parse can name a typo'd key; it passes --config=DEFAULT_CONFIG instead.
 config_flags.DEFINE_config_file(
   'config',
-  str(_CONFIGS / 'default.py'),
-  'Config file (a get_config() module).',
+  None,
+  'Config file (a get_config() module); default configs/default.py.',
   lock_config=True,
 )
 WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory; default runs/<config file name>.')

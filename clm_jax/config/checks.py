@@ -43,13 +43,36 @@ def mesh_shape(c_mesh: ml_collections.ConfigDict, num_devices: int) -> tuple[int
   return sizes['data'], sizes['tensor'], sizes['pipeline']
 
 
+def unknown_keys(keys) -> list[str]:
+  """'KEY: unknown config key (did you mean CLOSEST?)' for each of `keys` not in the schema.
+
+  `keys` are dotted leaf paths, as `--config.train.steps=3` names `train.steps`.
+  """
+  declared = schema.flatten(schema.get_config())
+  errors = []
+  for key in keys:
+    if key not in declared:
+      close = difflib.get_close_matches(key, declared, n=1)
+      hint = f' (did you mean {close[0]}?)' if close else ''
+      errors.append(f'{key}: unknown config key{hint}')
+  return errors
+
+
+def check_schema(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming every unknown, missing or mistyped key of `c`.
+
+  What `validate` checks first; this alone needs no device count.
+  """
+  errors: list[str] = []
+  _check_schema(c, errors)
+  if errors:
+    raise ConfigError('invalid config:\n  ' + '\n  '.join(errors))
+
+
 def _check_schema(c, errors):
   declared = schema.flatten(schema.get_config())
   given = schema.flatten(c)
-  for key in sorted(set(given) - set(declared)):
-    close = difflib.get_close_matches(key, declared, n=1)
-    hint = f' (did you mean {close[0]}?)' if close else ''
-    errors.append(f'{key}: unknown config key{hint}')
+  errors += unknown_keys(sorted(set(given) - set(declared)))
   for key in sorted(set(declared) - set(given)):
     errors.append(f'{key}: missing config key')
   for key in sorted(set(declared) & set(given)):

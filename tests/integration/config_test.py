@@ -104,7 +104,9 @@ def test_command_line_typo_names_the_key(tmp_path):
     timeout=120,
   )
   assert out.returncode != 0
-  assert 'num_layer' in out.stderr
+  assert out.stderr == (
+    'error: --config.model.num_layer: unknown config key (did you mean model.num_layers?)\n'
+  )
   assert not list(tmp_path.iterdir())  # Nothing was started.
 
 
