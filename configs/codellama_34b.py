@@ -8,13 +8,15 @@ steps to 3e-4, cosine to 10%), vocab 32000, RMSNorm eps 1e-5, fp32 master
 weights, bf16 compute and full remat are schema.py's values, which are the
 original run's.
 
-The mesh is the original's: data 4 x tensor 8 x pipeline 4 (tensor within a
-node of 8, pipeline across nodes), 12 layers per stage, GPipe over the 16
-micro-batches (bubble 3/19). GPipe holds every micro-batch's stage inputs:
-at 64 local rows of 8192 tokens per micro-batch that is far beyond 80 GB, so
-a run on real GPUs needs finer micro-batches (e.g. train.microbatches=1024
-with mesh.pipeline_microbatches=32) or a 1F1B schedule; `launch plan` is
-where that is worked out.
+The mesh is the original's: data 4 x tensor 8 x pipeline 4, 12 layers per
+stage, GPipe over the 16 micro-batches (bubble 3/19). On 16 nodes of 8 GPUs
+`sharding.make_mesh` puts each tensor group on one node, a data replica's 4
+stages on 4 consecutive nodes and the 4 replicas on different nodes (`launch
+plan` prints which axes cross nodes). GPipe holds every micro-batch's stage
+inputs: at 64 local rows of 8192 tokens per micro-batch that is far beyond
+80 GB, so a run on real GPUs needs finer micro-batches (e.g.
+train.microbatches=1024 with mesh.pipeline_microbatches=32) or a 1F1B
+schedule; `launch plan` is where that is worked out.
 
 Data: the output of `python -m launch data prepare` at data/codellama (see
 the README), mixed as the paper's Table 1 gives it: 85% code, 8% natural

@@ -44,15 +44,58 @@ FSDP_RULES: Mapping[str, str | None] = {**RULES, 'embed': 'data'}
 
 
 def make_mesh(c_mesh, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A (data, tensor, pipeline) mesh over `devices` (default: all devices)."""
+  """A (data, tensor, pipeline) mesh over `devices` (default: all), laid out by `device_grid`."""
   devices = list(jax.devices() if devices is None else devices)
   shape = config_lib.mesh_shape(c_mesh, len(devices))
-  return jax.make_mesh(
-    shape,
+  return jax.sharding.Mesh(
+    device_grid(devices, shape),
     MESH_AXES,
     axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-    devices=devices,
   )
+
+
+def device_grid(devices: Sequence, shape: Sequence[int]) -> np.ndarray:
+  """`devices` as a [data, tensor, pipeline] array: 'tensor' fastest, then 'pipeline', 'data' last.
+
+  Devices are taken in (process_index, id) order, so a tensor group no larger
+  than a process's devices stays inside one process (one node, with one
+  process per node or a node's processes numbered consecutively, as Slurm's
+  block distribution does), pipeline stages fill the rest of a process and
+  then neighbouring ones, and data replicas are farthest apart: MaxText's
+  order (data, stage, ..., tensor). Megatron's default differs only above the
+  tensor axis: it puts pipeline outermost, data between.
+
+  Args:
+    devices: Objects with `process_index` and `id`: jax Devices, or stand-ins.
+    shape: (data, tensor, pipeline) sizes; their product is len(devices).
+  """
+  data, tensor, pipe = shape
+  if data * tensor * pipe != len(devices):
+    raise ValueError(
+      f'{len(devices)} devices cannot form a (data, tensor, pipeline) mesh of {tuple(shape)}'
+    )
+  # Written out rather than jax.make_mesh / mesh_utils: on GPU those order
+  # devices by id alone and lay them out with the last mesh axis ('pipeline')
+  # fastest, so a tensor group strides across nodes; create_hybrid_device_mesh
+  # needs every axis split into a within- and an across-process factor, and
+  # orders processes with 'pipeline' inside 'tensor'.
+  ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+  flat = np.fromiter(ordered, dtype=object, count=len(ordered))
+  return flat.reshape(data, pipe, tensor).transpose(0, 2, 1)
+
+
+def processes_per_group(grid: np.ndarray) -> dict[str, int]:
+  """For each mesh axis, the most processes that one of its groups spans.
+
+  A group is the devices differing only along that axis: those its
+  collectives join. 1 means they stay within a process.
+  """
+  process = np.vectorize(lambda d: d.process_index, otypes=[int])(grid)
+  out = {}
+  for i, name in enumerate(MESH_AXES):
+    groups = np.moveaxis(process, i, -1).reshape(-1, grid.shape[i])
+    out[name] = max(len(set(group.tolist())) for group in groups)
+  return out
 
 
 def rules_for(c_mesh) -> Mapping[str, str | None]:
@@ -124,8 +167,9 @@ def constrain_stage(x: jax.Array) -> jax.Array:
 def process_rows(mesh: jax.sharding.Mesh, batch_size: int) -> tuple[int, int]:
   """The rows [lo, hi) of every global batch that this process's devices hold.
 
-  One contiguous block, as jax.make_mesh keeps a process's devices together;
-  processes differing only along 'tensor' or 'pipeline' hold the same rows.
+  One contiguous block, as `device_grid` puts 'data' outermost over devices in
+  process order; processes differing only along 'tensor' or 'pipeline' hold
+  the same rows.
   """
   indices = batch_sharding(mesh).addressable_devices_indices_map((batch_size, 1)).values()
   starts = sorted({index[0].indices(batch_size)[:2] for index in indices})

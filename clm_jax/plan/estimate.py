@@ -11,6 +11,7 @@ own figure beside it. Lower-case letters are per-device sizes (x = b T tokens).
 import dataclasses
 import itertools
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +112,29 @@ def layout_of(c, devices: int) -> Layout:
     attention=c.model.attention,
     fsdp=c.mesh.fsdp,
   )
+
+
+def placement(layout: Layout, devices: int, devices_per_node: int) -> dict:
+  """How many nodes one group of each mesh axis spans, as `sharding.make_mesh` lays them out.
+
+  Stand-in devices numbered node by node: one process per node, or a node's
+  processes numbered consecutively (Slurm's block distribution) order them so.
+  """
+  if not isinstance(devices_per_node, int) or devices_per_node < 1:
+    raise config_lib.ConfigError(
+      f'plan.devices_per_node: must be a positive integer, got {devices_per_node!r}'
+    )
+  stand_ins = [
+    types.SimpleNamespace(id=i, process_index=i // devices_per_node) for i in range(devices)
+  ]
+  grid = sharding.device_grid(stand_ins, (layout.data, layout.tensor, layout.pipeline))
+  spans = sharding.processes_per_group(grid)
+  return {
+    'devices_per_node': devices_per_node,
+    'nodes': math.ceil(devices / devices_per_node),
+    'nodes_per_group': spans,
+    'across_nodes': [axis for axis in sharding.MESH_AXES if spans[axis] > 1],
+  }
 
 
 def _split(size: int, parts: int) -> int:
@@ -298,6 +322,9 @@ def plan(
 ) -> dict:
   """The whole plan of config `c` on `devices` devices of type `device`, as plain data.
 
+  Nodes hold `c.plan.devices_per_node` devices each; 'placement' names the
+  mesh axes whose groups span more than one.
+
   Args:
     tokens: The training-token budget; 0 = train.steps x tokens per step.
     target_days: A wall-clock target; the plan gives the MFU it needs. 0 = none.
@@ -314,6 +341,7 @@ def plan(
   steps = math.ceil(tokens / tokens_per_step)
   per_token = flops.train_flops_per_token(cfg, T)
   peak = device.peak_tflops * 1e12
+  nodes = placement(layout, devices, c.plan.devices_per_node)
   mem = memory(c, layout)
   pool = POOL_FRACTION * device.memory_gib * GIB
 
@@ -341,6 +369,7 @@ def plan(
       'layers_per_pipeline_device': cfg.num_layers // layout.pipeline,
       'dtype': cfg.dtype,
     },
+    'placement': nodes,
     'memory_gib': {
       **{k: v / GIB for k, v in dataclasses.asdict(mem).items()},
       'total': mem.total / GIB,

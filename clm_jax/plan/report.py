@@ -18,6 +18,19 @@ def _duration(days: float) -> str:
   return f'{days * 86400:.3g} seconds'
 
 
+def _nodes(placement: dict, layout: dict) -> str:
+  """'16 nodes of 8 devices: tensor within a node; data groups span 4 nodes, ...'."""
+  spans = placement['nodes_per_group']
+  nodes = placement['nodes']
+  head = f'{nodes} node{"s" if nodes > 1 else ""} of {placement["devices_per_node"]} devices: '
+  if not placement['across_nodes']:
+    return head + 'every axis within a node'
+  # An axis of size 1 has no collectives to place.
+  within = [axis for axis, n in spans.items() if n == 1 and layout[axis] > 1]
+  across = [f'{axis} groups span {spans[axis]} nodes' for axis in placement['across_nodes']]
+  return head + ' and '.join(within) + (' within a node; ' if within else '') + ', '.join(across)
+
+
 def describe(p: dict) -> str:
   """Sections: model, layout, memory per device, compute, time, targets, suggestions."""
   lay, mem, dev = p['layout'], p['memory_gib'], p['device']
@@ -28,6 +41,14 @@ def describe(p: dict) -> str:
     f'mesh              data {lay["data"]} x tensor {lay["tensor"]} x pipeline '
     f'{lay["pipeline"]}{" (FSDP)" if lay["fsdp"] else ""}; '
     f'{lay["layers_per_pipeline_device"]} layers per pipeline device',
+    f'nodes             {_nodes(p["placement"], lay)}',
+  ]
+  if 'tensor' in p['placement']['across_nodes']:
+    lines.append(
+      "  tensor crosses nodes: every layer's tensor-parallel all-reduces go over the "
+      'inter-node network; a tensor size dividing the devices per node keeps each group in one'
+    )
+  lines += [
     f'micro-batches     {lay["microbatches"]} per step, {lay["per_pass"]} per pipeline pass, '
     f'{lay["virtual_stages"]} virtual stage(s); {lay["rows_per_microbatch_per_device"]} rows '
     'per device each',

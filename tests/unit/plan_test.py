@@ -9,6 +9,7 @@ import pytest
 from clm_jax import config as config_lib
 from clm_jax.model import decoder as model_lib
 from clm_jax.plan import estimate
+from clm_jax.plan import report
 from clm_jax.plan import xla_memory
 from configs import default
 
@@ -122,3 +123,52 @@ def test_suggestions_are_valid_configs():
 def test_unknown_device_type_is_a_config_error():
   with pytest.raises(config_lib.ConfigError, match='plan.device_type'):
     estimate.device_type('tpu-v9')
+
+
+def _codellama_34b(devices_per_node):
+  c = importlib.import_module('configs.codellama_34b').get_config()
+  c.plan.devices_per_node = devices_per_node
+  return c
+
+
+# The 34B mesh (data 4 x tensor 8 x pipeline 4) on 128 devices: device
+# (d, t, p) is the ((4 d + p) 8 + t)-th in process order, so with 8 per node a
+# tensor group is one node; with 4 per node it is two.
+@pytest.mark.parametrize(
+  ('per_node', 'nodes', 'spans'),
+  [
+    (8, 16, {'data': 4, 'tensor': 1, 'pipeline': 4}),
+    (4, 32, {'data': 4, 'tensor': 2, 'pipeline': 4}),
+    (128, 1, {'data': 1, 'tensor': 1, 'pipeline': 1}),
+  ],
+)
+def test_plan_names_the_mesh_axes_that_cross_nodes(per_node, nodes, spans):
+  p = estimate.plan(
+    _codellama_34b(per_node), 128, estimate.DEVICE_TYPES['a100-80gb'], 0.4, search=0
+  )
+  across = [axis for axis in ('data', 'tensor', 'pipeline') if spans[axis] > 1]
+  assert p['placement'] == {
+    'devices_per_node': per_node,
+    'nodes': nodes,
+    'nodes_per_group': spans,
+    'across_nodes': across,
+  }
+  text = report.describe(p)
+  line = next(x for x in text.splitlines() if x.startswith('nodes '))
+  if per_node == 8:
+    assert line.endswith(
+      '16 nodes of 8 devices: tensor within a node; data groups span 4 nodes, pipeline groups span 4 nodes'
+    )
+  if per_node == 4:
+    assert 'tensor groups span 2 nodes' in line
+    assert 'tensor crosses nodes' in text
+  else:
+    assert 'tensor crosses nodes' not in text
+  if per_node == 128:
+    assert line.endswith('1 node of 128 devices: every axis within a node')
+
+
+@pytest.mark.parametrize('bad', [0, -8])
+def test_devices_per_node_must_be_positive(bad):
+  with pytest.raises(config_lib.ConfigError, match=rf'plan.devices_per_node: .*{bad}'):
+    estimate.plan(_codellama_34b(bad), 128, estimate.DEVICE_TYPES['a100-80gb'], 0.4, search=0)
