@@ -90,7 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.path = ''
   d.heldout_fraction = 0.02  # Raw sources: fraction of files held out for evaluation.
   d.mixture = ''  # Train weights by language, 'python:0.6,text:0.4'; '' = natural proportions.
-  d.fim_rate = 0.0  # Fraction of documents turned fill-in-the-middle; 0 = off.
+  d.fim_rate = 0.0  # Chance a document is drawn for FIM (taken only where it fits its row).
   d.fim_spm_rate = 0.5  # Of those, the fraction in SPM (suffix first) order; the rest PSM.
   d.streams = 16  # Packed streams of different documents; each gives B/S rows of every batch.
   d.workers = 0  # Grain worker processes per host; 0 = in the training process.

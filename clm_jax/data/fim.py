@@ -1,12 +1,18 @@
 """Fill-in-the-middle (FIM) as CodeLlama trains it, after Bavarian et al. 2022.
 
-A document is cut at two uniform character positions and laid out as
+A document is cut at two uniform character positions into prefix, middle and
+suffix, and laid out as
 
-  PSM: <PRE> enc(prefix) <SUF> enc(suffix) <MID> enc(middle) <EOT>
-  SPM: <PRE> <SUF> enc(suffix) <MID> enc(prefix) enc(middle) <EOT>
+  PSM: <PRE> enc(prefix) <SUF> frag(suffix) <MID> frag(middle) <EOT>
+  SPM: <PRE> <SUF> frag(suffix) <MID> enc(prefix + middle) <EOT>
 
-Each part is encoded on its own, as an infilling prompt's parts are at
-inference. Every call draws a fixed number of doubles (`random`, never the
+where enc is `Tokenizer.encode` and frag is `Tokenizer.encode_fragment`, which
+leaves out the dummy ' ' LLaMA-style tokenizers add (CodeLlama paper, section
+2.3; its `infilling_prompt_tokens` lays out the prompt the same way). SPM
+encodes prefix and middle as one text, so no token is split at their boundary.
+`infill_prompt` is this layout up to <MID>, as generation feeds it.
+
+Every call draws a fixed number of doubles (`random`, never the
 rejection-sampling `integers`), so later randomness does not depend on earlier
 documents. The caller adds BOS/EOS.
 """
@@ -69,6 +75,24 @@ def maybe_permute(
   checked whenever fim_rate > 0, so a bad tokenizer fails on the first document,
   not the first one drawn for FIM. An empty document is returned unchanged.
   """
+  tokens = np.asarray(tokens, dtype=np.int32)
+  permuted = draw(tokens, rng, tokenizer, fim_rate=fim_rate, spm_rate=spm_rate)
+  return tokens if permuted is None else permuted
+
+
+def draw(
+  tokens: np.ndarray,
+  rng: np.random.Generator,
+  tokenizer: tokenizer_lib.Tokenizer,
+  *,
+  fim_rate: float,
+  spm_rate: float = 0.5,
+) -> np.ndarray | None:
+  """The FIM layout of a document's ids with probability `fim_rate`, else None.
+
+  As `maybe_permute`, but says whether it transformed the document, so the
+  loader can still choose the document as it was (see loader.make_dataset).
+  """
   _check_rate(fim_rate, 'data.fim_rate')
   _check_rate(spm_rate, 'data.fim_spm_rate')
   tokens = np.asarray(tokens, dtype=np.int32)
@@ -78,15 +102,58 @@ def maybe_permute(
     check_tokenizer(tokenizer)
   draws = rng.random(1 + _PERMUTE_DRAWS)
   if draws[0] >= fim_rate or not tokens.size:
-    return tokens
+    return None
   return _arrange(tokenizer.decode(tokens), draws[1:], tokenizer, spm_rate)
+
+
+def layout(
+  tokenizer: tokenizer_lib.Tokenizer, prefix: str, middle: str, suffix: str, *, spm: bool
+) -> list[int]:
+  """The ids of one FIM example in PSM or SPM (module docstring), ending in <EOT>."""
+  check_tokenizer(tokenizer)
+  s = tokenizer.sentinels
+  suffix_ids = tokenizer.encode_fragment(suffix)
+  if spm:
+    return [
+      s['prefix'],
+      s['suffix'],
+      *suffix_ids,
+      s['middle'],
+      *tokenizer.encode(prefix + middle),
+      s['eot'],
+    ]
+  return [
+    s['prefix'],
+    *tokenizer.encode(prefix),
+    s['suffix'],
+    *suffix_ids,
+    s['middle'],
+    *tokenizer.encode_fragment(middle),
+    s['eot'],
+  ]
+
+
+def infill_prompt(
+  tokenizer: tokenizer_lib.Tokenizer, prefix: str, suffix: str, *, spm: bool
+) -> list[int]:
+  """The ids a model trained on `layout` continues with the middle, then <EOT>.
+
+  The layout of an empty middle up to <MID> (PSM) or up to the prefix (SPM),
+  without BOS: CodeLlama's `infilling_prompt_tokens`.
+  """
+  # An empty middle encodes to no ids in either layout, so the prompt is the
+  # example less its closing <EOT>.
+  return layout(tokenizer, prefix, '', suffix, spm=spm)[:-1]
 
 
 def restore(ids: np.ndarray, tokenizer: tokenizer_lib.Tokenizer) -> str:
   """Returns the document a FIM sequence came from: prefix + middle + suffix.
 
   Ids without sentinels are just decoded; ids holding sentinels in another
-  layout than permute()'s raise ValueError.
+  layout than permute()'s raise ValueError. A PSM with an empty prefix starts
+  <PRE> <SUF> as an SPM does and is read as one. That is exact for tokenizers
+  without a dummy prefix; with one, a middle that then starts with ' ' reads
+  back without it, for its ids are those of the SPM of the text without it.
   """
   ids = np.asarray(ids).reshape(-1)
   present = [i for i in tokenizer.sentinels.values() if i is not None]
@@ -104,12 +171,12 @@ def restore(ids: np.ndarray, tokenizer: tokenizer_lib.Tokenizer) -> str:
       'Not a FIM sequence: want <PRE> first, then <SUF>, <MID>, and <EOT> last; '
       f'found them at {pre}, {suf}, {mid}, {eot} of {len(ids)} ids.'
     )
-  # PSM with an empty prefix and SPM are the same ids, and both read back as
-  # (what follows <MID>) + suffix, so the two need not be told apart.
-  prefix = tokenizer.decode(ids[1:suf])
-  suffix = tokenizer.decode(ids[suf + 1 : mid])
-  middle = tokenizer.decode(ids[mid + 1 : eot])
-  return prefix + middle + suffix
+  suffix = tokenizer.decode_fragment(ids[suf + 1 : mid])
+  after_mid = ids[mid + 1 : eot]
+  if suf == pre + 1:  # SPM: after <MID> comes the encoded prefix + middle.
+    return tokenizer.decode(after_mid) + suffix
+  prefix = tokenizer.decode(ids[pre + 1 : suf])
+  return prefix + tokenizer.decode_fragment(after_mid) + suffix
 
 
 def _arrange(
@@ -120,16 +187,7 @@ def _arrange(
   # floor(u * (n + 1)) is uniform over the n + 1 cut points [0, n]; min()
   # guards the rounding of u * (n + 1) up to n + 1 for u just below 1.
   lo, hi = sorted(min(math.floor(u * (n + 1)), n) for u in draws[:2])
-  prefix, middle, suffix = text[:lo], text[lo:hi], text[hi:]
-  s = tokenizer.sentinels
-  if draws[2] < spm_rate:
-    ids = [s['prefix'], s['suffix'], *tokenizer.encode(suffix), s['middle']]
-    ids += tokenizer.encode(prefix)
-  else:
-    ids = [s['prefix'], *tokenizer.encode(prefix), s['suffix'], *tokenizer.encode(suffix)]
-    ids.append(s['middle'])
-  ids += tokenizer.encode(middle)
-  ids.append(s['eot'])
+  ids = layout(tokenizer, text[:lo], text[lo:hi], text[hi:], spm=bool(draws[2] < spm_rate))
   return np.array(ids, dtype=np.int32)
 
 

@@ -1,10 +1,13 @@
 """The Grain input pipeline: documents to packed batches of token ids.
 
-Documents per language -> (train) shuffle, repeat, mix by `data.mixture` -> FIM,
-[bos] ... [eos] -> `data.streams` packed streams -> each global batch takes B/S
-rows of every stream. Batches depend on the config alone, not on the process
-count, and everything before packing is a MapDataset, so the iterator state is
-positions and a resumed run sees exactly the batches it would have. Long
+Documents per language -> (train) shuffle, repeat, mix by `data.mixture` ->
+[bos] ... [eos], and a FIM form with probability `data.fim_rate` ->
+`data.streams` packed streams, each document in its FIM form only where that
+lies within one row -> each global batch takes B/S rows of every stream.
+Batches depend on the config alone, not on the process count, and everything
+before packing is a MapDataset, so the iterator state is positions (and where
+the next document starts in its row) and a resumed run sees exactly the
+batches it would have. Long
 documents continue in the next row; `segment_ids` (0 = padding) and `positions`
 restart per document, so attention and RoPE never cross one.
 """
@@ -102,7 +105,9 @@ def make_dataset(
     ds = grain.MapDataset.mix(shards, [weights[language] for language in groups])
   else:
     (ds,) = shards
-  if c_data.source != 'instruct':  # Dialogs come rendered, BOS / EOS per turn.
+  # Dialogs come rendered, BOS / EOS per turn, and never FIM (config checks).
+  with_fim = c_data.fim_rate > 0 and c_data.source != 'instruct'
+  if c_data.source != 'instruct':
     ds = ds.random_map(
       functools.partial(
         _wrap,
@@ -121,7 +126,9 @@ def make_dataset(
   per_stream = batch_size // num_streams
   first, last = lo // per_stream, -(-hi // per_stream)
   streams = [
-    _packed_stream(ds[i::num_streams], seq_len, c_data).batch(per_stream, drop_remainder=True)
+    _packed_stream(ds[i::num_streams], seq_len, c_data, with_fim).batch(
+      per_stream, drop_remainder=True
+    )
     for i in range(first, last)
   ]
   ds = ConcatIterDataset(streams)
@@ -170,6 +177,56 @@ class _ConcatIterator(grain.DatasetIterator):
       parent.set_state(_untangle_json(parent_state))
 
 
+class FimIfUncutIterDataset(grain.IterDataset):
+  """Each document in its FIM form where that form would lie within one packed row.
+
+  CodeLlama applies FIM "to documents that are not cut across multiple model
+  contexts only" (paper, section 2.3): a FIM example missing its start or end
+  teaches infilling without the context it is about. Whether a document is cut
+  depends on where packing puts it, hence an iterator just before the packer.
+  Parent elements are {'tokens', 'fim'}, 'fim' the FIM form or None.
+  """
+
+  def __init__(self, parent: grain.IterDataset, seq_len: int):
+    super().__init__(parent)
+    self._seq_len = seq_len
+
+  def __iter__(self):
+    return _FimIfUncutIterator(iter(self._parent), self._seq_len)
+
+
+class _FimIfUncutIterator(grain.DatasetIterator):
+  def __init__(self, parent: grain.DatasetIterator, seq_len: int):
+    super().__init__(parent)
+    self._seq_len = seq_len
+    # Where the next document starts in its row. ConcatThenSplit with one
+    # feature (split_full_length_features left True) concatenates without
+    # padding and cuts every seq_len tokens, so this is the running length
+    # modulo seq_len; Grain exposes no such position to ask it for.
+    self._offset = 0
+
+  def __next__(self):
+    doc = next(self._parent)
+    tokens = doc['tokens']
+    if doc['fim'] is not None and self._offset + doc['fim'].size <= self._seq_len:
+      tokens = doc['fim']
+    self._offset = (self._offset + tokens.size) % self._seq_len
+    return {'tokens': tokens}
+
+  def get_state(self) -> dict:
+    return {'parent': self._parent.get_state(), 'offset': self._offset}
+
+  def set_state(self, state: dict) -> None:
+    if set(state) != {'parent', 'offset'}:
+      raise ValueError(
+        'The data iterator state holds no row offset for data.fim_rate > 0: it was '
+        'saved by a version that applied FIM before packing, or with data.fim_rate=0. '
+        f'Keys found: {sorted(state)}.'
+      )
+    self._parent.set_state(state['parent'])
+    self._offset = state['offset']
+
+
 def _rows(batch: dict, *, start: int, stop: int) -> dict:
   return {key: value[start:stop] for key, value in batch.items()}
 
@@ -194,11 +251,13 @@ def _untangle_json(state):
   return state
 
 
-def _packed_stream(ds: grain.MapDataset, seq_len: int, c_data) -> grain.IterDataset:
+def _packed_stream(ds: grain.MapDataset, seq_len: int, c_data, with_fim: bool) -> grain.IterDataset:
   # Grain's own packer: documents concatenated and cut into rows of exactly
   # seq_len; the part of a document that does not fit opens the next row. An
   # instruction's loss mask is packed alongside its tokens, so it stays aligned.
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=c_data.read_threads))
+  if with_fim:
+    ds = FimIfUncutIterDataset(ds, seq_len)
   features = ('tokens', 'loss_mask') if c_data.source == 'instruct' else ('tokens',)
   return grain.experimental.ConcatThenSplitIterDataset(
     ds, length_struct={feature: seq_len for feature in features}
@@ -288,10 +347,19 @@ def _encode_file(path: str, *, tokenizer: tokenizer_lib.Tokenizer) -> np.ndarray
 
 
 def _wrap(ids, rng, *, tokenizer, fim_rate, spm_rate) -> dict:
-  ids = fim.maybe_permute(ids, rng, tokenizer, fim_rate=fim_rate, spm_rate=spm_rate)
-  tokens = np.empty(ids.size + 2, np.int32)
+  # The FIM form is made here, where Grain's read threads run it; whether the
+  # document takes it is decided at packing (FimIfUncutIterDataset).
+  permuted = fim.draw(ids, rng, tokenizer, fim_rate=fim_rate, spm_rate=spm_rate)
+  doc = {'tokens': _bos_eos(ids, tokenizer)}
+  if fim_rate > 0:
+    doc['fim'] = None if permuted is None else _bos_eos(permuted, tokenizer)
+  return doc
+
+
+def _bos_eos(ids, tokenizer) -> np.ndarray:
+  tokens = np.empty(len(ids) + 2, np.int32)
   tokens[0], tokens[1:-1], tokens[-1] = tokenizer.bos_id, ids, tokenizer.eos_id
-  return {'tokens': tokens}
+  return tokens
 
 
 def _rename(packed: dict, *, pad_id: int) -> dict:

@@ -76,17 +76,19 @@ class Tokenizer:
     self._sp = processor
     self.path = path
     self.sentinels = {role: self._find_piece(piece) for role, piece in SENTINEL_PIECES.items()}
-    normalizer = sentencepiece_model_pb2.ModelProto.FromString(
-      processor.serialized_model_proto()
-    ).normalizer_spec
-    # Splitting text around U+2581 is only exact for models that do not add a
-    # dummy ' ' to each encoded part.
-    space_bytes = [processor.piece_to_id(f'<0x{b:02X}>') for b in b'\xe2\x96\x81']
-    lossless = not (normalizer.add_dummy_prefix or normalizer.remove_extra_whitespaces)
-    if lossless and all(processor.is_byte(i) for i in space_bytes):
-      self._space_symbol_ids = space_bytes
-    else:
-      self._space_symbol_ids = None
+    proto = sentencepiece_model_pb2.ModelProto.FromString(processor.serialized_model_proto())
+    self._space_symbol_ids = _space_symbol_ids(processor, proto.normalizer_spec)
+    # Infilling parts are pieces of a text, so they must not get the dummy ' '
+    # that LLaMA-style models put before every encoded text. CodeLlama drops
+    # it by encoding '☺' + part and cutting the '☺' pieces off; a copy of the
+    # model with the dummy prefix turned off gives those ids without assuming
+    # how '☺' tokenizes, and decodes without stripping a leading ' '.
+    self._fragment_sp = processor
+    if proto.normalizer_spec.add_dummy_prefix:
+      proto.normalizer_spec.add_dummy_prefix = False
+      self._fragment_sp = spm.SentencePieceProcessor()
+      self._fragment_sp.LoadFromSerializedProto(proto.SerializeToString())
+    self._fragment_space_symbol_ids = _space_symbol_ids(self._fragment_sp, proto.normalizer_spec)
 
   def __repr__(self) -> str:
     return f'Tokenizer({self.path!r}, vocab_size={self.vocab_size})'
@@ -120,20 +122,25 @@ class Tokenizer:
 
   def encode(self, text: str) -> list[int]:
     """Returns the ids of `text`, without BOS or EOS."""
-    if self._space_symbol_ids is None or _SPACE_SYMBOL not in text:
-      return self._sp.encode(text)
-    ids = []
-    for i, part in enumerate(text.split(_SPACE_SYMBOL)):
-      if i:
-        ids.extend(self._space_symbol_ids)
-      if part:
-        ids.extend(self._sp.encode(part))
-    return ids
+    return _encode(self._sp, self._space_symbol_ids, text)
+
+  def encode_fragment(self, text: str) -> list[int]:
+    """Returns the ids of `text` as a piece of a longer text: no dummy prefix.
+
+    As CodeLlama's `encode_infilling`: with LLaMA's tokenizer `encode(' + 1')`
+    starts with a spurious '▁' piece, this does not. Same as `encode` for
+    models without a dummy prefix, such as the ones `train` makes.
+    """
+    return _encode(self._fragment_sp, self._fragment_space_symbol_ids, text)
 
   def decode(self, ids: Iterable[int]) -> str:
     """Returns the text of `ids`; control ids (BOS, EOS, PAD, sentinels) vanish."""
     # int() accepts NumPy and JAX scalars, which sentencepiece rejects.
     return self._sp.decode([int(i) for i in ids])
+
+  def decode_fragment(self, ids: Iterable[int]) -> str:
+    """The inverse of `encode_fragment`: a leading ' ' is text, not a dummy prefix."""
+    return self._fragment_sp.decode([int(i) for i in ids])
 
   def id_to_piece(self, token_id: int) -> str:
     return self._sp.id_to_piece(int(token_id))
@@ -145,6 +152,32 @@ class Tokenizer:
       if self._sp.id_to_piece(token_id) == candidate:
         return token_id
     return None
+
+
+def _space_symbol_ids(
+  processor: spm.SentencePieceProcessor, normalizer: sentencepiece_model_pb2.NormalizerSpec
+) -> list[int] | None:
+  """The byte ids of U+2581 where `_encode` may split text around it, else None."""
+  # Splitting text around U+2581 is only exact for models that do not add a
+  # dummy ' ' to each encoded part.
+  if normalizer.add_dummy_prefix or normalizer.remove_extra_whitespaces:
+    return None
+  space_bytes = [processor.piece_to_id(f'<0x{b:02X}>') for b in _SPACE_SYMBOL.encode()]
+  return space_bytes if all(processor.is_byte(i) for i in space_bytes) else None
+
+
+def _encode(
+  processor: spm.SentencePieceProcessor, space_symbol_ids: list[int] | None, text: str
+) -> list[int]:
+  if space_symbol_ids is None or _SPACE_SYMBOL not in text:
+    return processor.encode(text)
+  ids = []
+  for i, part in enumerate(text.split(_SPACE_SYMBOL)):
+    if i:
+      ids.extend(space_symbol_ids)
+    if part:
+      ids.extend(processor.encode(part))
+  return ids
 
 
 def from_bytes(proto: bytes, path: str) -> Tokenizer:

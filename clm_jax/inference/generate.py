@@ -79,29 +79,11 @@ def generate(
 def format_infill(
   tokenizer: tokenizer_lib.Tokenizer, prefix: str, suffix: str, spm: bool = False
 ) -> list[int]:
-  """The infilling prompt: [BOS] + `clm_jax.data.fim`'s layout up to the middle.
+  """The infilling prompt: [BOS] + `fim.infill_prompt`, the training layout up to the middle.
 
   As CodeLlama's `infilling_prompt_tokens`; the model then writes the middle and <EOT>.
   """
-  fim.check_tokenizer(tokenizer)
-  s = tokenizer.sentinels
-  if spm:
-    return [
-      tokenizer.bos_id,
-      s['prefix'],
-      s['suffix'],
-      *tokenizer.encode(suffix),
-      s['middle'],
-      *tokenizer.encode(prefix),
-    ]
-  return [
-    tokenizer.bos_id,
-    s['prefix'],
-    *tokenizer.encode(prefix),
-    s['suffix'],
-    *tokenizer.encode(suffix),
-    s['middle'],
-  ]
+  return [tokenizer.bos_id, *fim.infill_prompt(tokenizer, prefix, suffix, spm=spm)]
 
 
 def infill(
@@ -122,7 +104,9 @@ def infill(
   """The text the model writes between `prefix` and `suffix`.
 
   Generates after `format_infill`'s prompt until <EOT> or EOS (neither is
-  returned) or max_new_tokens; the other arguments are generate()'s.
+  returned) or max_new_tokens; the other arguments are generate()'s. The
+  middle continues a text, so it is decoded as a fragment (CodeLlama's
+  `decode_infilling`): a ' ' it starts with is kept.
   """
   [middle] = generate(
     cfg,
@@ -137,7 +121,7 @@ def infill(
     seed=seed,
     max_len=max_len,
   )
-  return tokenizer.decode(middle)
+  return tokenizer.decode_fragment(middle)
 
 
 def pad_left(

@@ -408,7 +408,8 @@ def test_fim_rows_restore_to_the_documents(prepared, tok):
   )
   docs = _documents(list(ds))
   assert all(doc[0] == tok.bos_id and doc[-1] == tok.eos_id for doc in docs)
-  assert all(doc[1] == tok.sentinels['prefix'] for doc in docs)
+  # CodeLlama's rule: only a document that stays in one row takes its FIM form.
+  assert 0 < sum(doc[1] == tok.sentinels['prefix'] for doc in docs) < len(docs)
   assert collections.Counter(fim.restore(doc[1:-1], tok) for doc in docs) == texts
   spm = sum(doc[2] == tok.sentinels['suffix'] for doc in docs)
   assert 0 < spm < len(docs)

@@ -202,7 +202,7 @@ def test_infill_prompt_is_the_training_layout(tok, spm):
   # The training pipeline wraps every document, FIM or not, in BOS ... EOS.
   trained = [tok.bos_id, *fim.permute(text, rng, tok, spm_rate=0.5).tolist()]
   prompt = generate.format_infill(tok, prefix, suffix, spm)
-  assert trained == prompt + tok.encode(middle) + [tok.sentinels['eot']]
+  assert trained == prompt + tok.encode_fragment(middle) + [tok.sentinels['eot']]
   s = tok.sentinels
   head = [tok.bos_id, s['prefix'], s['suffix']] if spm else [tok.bos_id, s['prefix']]
   assert prompt[: len(head)] == head
