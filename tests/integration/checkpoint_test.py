@@ -159,7 +159,7 @@ def test_a_second_signal_exits_at_once(tmp_path):
   script = tmp_path / 'stop.py'
   script.write_text(
     'import os, signal, time\n'
-    'from clm_jax import preemption\n'
+    'from clm_jax.train import preemption\n'
     'with preemption.StopRequest() as stop:\n'
     '  os.kill(os.getpid(), signal.SIGTERM)\n'
     '  assert stop.requested(1) and stop.signal_name == "SIGTERM"\n'
