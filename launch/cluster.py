@@ -62,14 +62,14 @@ def slurm():
 
 def sweep():
   from clm_jax.cluster import sweep as sweep_lib
-  from clm_jax.cluster import sweep_run
+  from clm_jax.cluster import trials
 
   common.need('sweep_file')
   path = _SWEEP_FILE.value
   if _SLURM.value:
     loaded = sweep_lib.load(path)
-    workdir = common.WORKDIR.value or sweep_run.default_workdir(loaded)
-    text = sweep_run.slurm_script(loaded, path, workdir, **_allocation())
+    workdir = common.WORKDIR.value or trials.default_workdir(loaded)
+    text = trials.slurm_script(loaded, path, workdir, **_allocation())
     _write(f'slurm/sweep-{loaded.name}.sbatch', text, f'a job array of {len(loaded.trials)} trials')
     return
   # A multi-host trial: every process runs the sweep, each trial's train joins them.
@@ -80,7 +80,7 @@ def sweep():
   ]
   process_id = flags.FLAGS.process_id or 0
   sys.exit(
-    sweep_run.main(path, common.WORKDIR.value, _TRIAL.value, extra_args=dist, process_id=process_id)
+    trials.main(path, common.WORKDIR.value, _TRIAL.value, extra_args=dist, process_id=process_id)
   )
 
 

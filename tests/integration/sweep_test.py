@@ -12,9 +12,9 @@ import types
 
 import pytest
 
+from clm_jax.cluster import summary
 from clm_jax.cluster import sweep
-from clm_jax.cluster import sweep_run
-from clm_jax.cluster import sweep_summary
+from clm_jax.cluster import trials
 from tests.helpers import cli
 
 # The tiny model of tests/cli.py, 10 steps: seconds per trial on one CPU device.
@@ -86,7 +86,7 @@ def interrupted_then_resumed(tmp_path_factory, env):
   s = sweep.load(sweep_file)
   out = types.SimpleNamespace(sweep=s, workdir=workdir, dirs=[workdir / n for n in NAMES])
 
-  out.first = sweep_run.run(s, workdir, trial=0, env=env)  # As one Slurm array task would.
+  out.first = trials.run(s, workdir, trial=0, env=env)  # As one Slurm array task would.
   out.trial0_files = {
     name: ((out.dirs[0] / name).stat().st_mtime_ns, (out.dirs[0] / name).read_bytes())
     for name in ('status.json', 'train.log', 'metrics.jsonl')
@@ -104,7 +104,7 @@ def interrupted_then_resumed(tmp_path_factory, env):
   proc.send_signal(signal.SIGTERM)
   out.stopped_stdout, _ = proc.communicate(timeout=240)
   out.stopped_rc = proc.returncode
-  out.stopped_status = sweep_summary.read_status(out.dirs[1])
+  out.stopped_status = summary.read_status(out.dirs[1])
   out.stopped_metrics = _metrics(out.dirs[1])
   out.trial2_started = out.dirs[2].exists()
 
@@ -168,7 +168,7 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(interrupted_then_resumed)
   steps = [m['step'] for m in _metrics(r.dirs[1]) if 'loss' in m]
   assert steps[: len(stopped_steps)] == stopped_steps and steps[-1] == 10
   assert sorted(set(steps)) == [1, 5, 10]
-  assert [sweep_summary.read_status(d)['status'] for d in r.dirs] == ['done'] * 4
+  assert [summary.read_status(d)['status'] for d in r.dirs] == ['done'] * 4
 
 
 def test_failed_trials_are_recorded_and_the_sweep_goes_on(tmp_path, env):
@@ -182,13 +182,13 @@ def test_failed_trials_are_recorded_and_the_sweep_goes_on(tmp_path, env):
     },
   )
   s = sweep.load(sweep_file)
-  results = sweep_run.run(s, tmp_path / 'runs', env=env)
+  results = trials.run(s, tmp_path / 'runs', env=env)
   assert [(x.status, x.returncode) for x in results] == [('failed', 1), ('failed', 1)]
   for trial in s.trials:
     trial_dir = tmp_path / 'runs' / trial.name
-    assert sweep_summary.read_status(trial_dir)['status'] == 'failed'
+    assert summary.read_status(trial_dir)['status'] == 'failed'
     assert 'error: ' in (trial_dir / 'train.log').read_text()
-  rows = sweep_summary.summarize(s, tmp_path / 'runs')
+  rows = summary.summarize(s, tmp_path / 'runs')
   assert [row['status'] for row in rows] == ['failed', 'failed']
   assert [row['model.num_heads'] for row in rows] == [3, None]
   assert rows[0]['final_loss'] is None and rows[0]['steps'] == 0
@@ -212,7 +212,7 @@ def test_grid_expands_first_key_slowest_into_safe_names(tmp_path):
     'data.path': '/a b/c',
   }
   assert s.keys == ['optim.peak_lr', 'optim.warmup_steps', 'data.path']
-  assert sweep_run.default_workdir(s) == pathlib.Path('runs/sweeps/lr')
+  assert trials.default_workdir(s) == pathlib.Path('runs/sweeps/lr')
   command = sweep.train_command(s, s.trials[2], '/w/t', python='py', extra_args=['--x=1'])
   assert command == [
     'py', '-m', 'launch', 'train', f'--config={s.base}', '--config.train.steps=7',

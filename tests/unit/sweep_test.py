@@ -5,9 +5,9 @@ import pathlib
 
 import pytest
 
+from clm_jax.cluster import summary
 from clm_jax.cluster import sweep
-from clm_jax.cluster import sweep_run
-from clm_jax.cluster import sweep_summary
+from clm_jax.cluster import trials
 
 # The tiny model of tests/cli.py, 10 steps: seconds per trial on one CPU device.
 TINY = {
@@ -80,7 +80,7 @@ def test_summary_counts_the_later_line_of_a_step_logged_twice(tmp_path):
   (trial_dir / 'metrics.jsonl').write_text(text)
   (trial_dir / 'config.json').write_text(json.dumps({'train': {'steps': 10}}))
 
-  rows = sweep_summary.summarize(s, tmp_path / 'runs')
+  rows = summary.summarize(s, tmp_path / 'runs')
   assert rows[0] == {
     'trial': '000-base',
     'status': 'unfinished',
@@ -90,14 +90,14 @@ def test_summary_counts_the_later_line_of_a_step_logged_twice(tmp_path):
     'steps': 10,
   }
   assert rows[1]['status'] == 'pending' and rows[1]['final_loss'] is None
-  assert [m['loss'] for m in sweep_summary.read_curves(trial_dir).train] == [6.0, 4.0, 3.0]
-  assert sweep_summary.is_complete(trial_dir)
+  assert [m['loss'] for m in summary.read_curves(trial_dir).train] == [6.0, 4.0, 3.0]
+  assert summary.is_complete(trial_dir)
   assert (tmp_path / 'runs' / 'loss_curves.png').read_bytes().startswith(b'\x89PNG')
 
 
 def test_slurm_script_is_a_job_array_of_one_task_per_trial(tmp_path):
   s = sweep.load(_write_sweep(tmp_path / 'lr.py', {'base': 'configs/default.py', 'grid': GRID}))
-  text = sweep_run.slurm_script(s, 'sweeps/lr.py', 'runs/sweeps/lr', nodes=1, partition='gpu')
+  text = trials.slurm_script(s, 'sweeps/lr.py', 'runs/sweeps/lr', nodes=1, partition='gpu')
   assert '#SBATCH --array=0-3' in text
   assert '#SBATCH --job-name=sweep-lr' in text and '#SBATCH --partition=gpu' in text
   assert 'python -m launch sweep' in text

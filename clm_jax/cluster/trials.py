@@ -16,8 +16,8 @@ import threading
 import time
 
 from clm_jax.cluster import slurm
+from clm_jax.cluster import summary
 from clm_jax.cluster import sweep as sweep_lib
-from clm_jax.cluster import sweep_summary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +82,7 @@ class _StopOnSignal:
 
 def _run_trial(sweep, trial, trial_dir, stop, *, python, extra_args, env, process_id):
   prefix = f'[{sweep.name} {trial.index + 1}/{len(sweep.trials)}] {trial.name}:'
-  previous = sweep_summary.read_status(trial_dir)
+  previous = summary.read_status(trial_dir)
   if previous.get('status') == 'done':
     print(f'{prefix} done before; skipped', flush=True)
     return Result(trial, 'done', None, 0.0, skipped=True)
@@ -102,11 +102,11 @@ def _run_trial(sweep, trial, trial_dir, stop, *, python, extra_args, env, proces
     returncode = stop.wait(proc)
   seconds = time.monotonic() - start
   # A trial stopped by a signal saves and exits 0 too: only its metrics tell it from done.
-  complete = sweep_summary.is_complete(trial_dir)
+  complete = summary.is_complete(trial_dir)
   if returncode == 0 and complete:
     status, note = 'done', f'done in {seconds:.0f}s'
   elif returncode == 0 or stop.signal:
-    step = sweep_summary.read_curves(trial_dir).last_step
+    step = summary.read_curves(trial_dir).last_step
     status, note = 'interrupted', f'interrupted after logged step {step}; run again to resume'
   else:
     status, note = 'failed', f'failed (exit {returncode}) after {seconds:.0f}s; see {log_path}'
@@ -117,7 +117,7 @@ def _run_trial(sweep, trial, trial_dir, stop, *, python, extra_args, env, proces
       'overrides': {**sweep.overrides, **trial.overrides},
       'seconds': round(seconds, 1),
     }
-    sweep_summary.write_atomic(trial_dir / sweep_summary.STATUS, json.dumps(record, indent=2))
+    summary.write_atomic(trial_dir / summary.STATUS, json.dumps(record, indent=2))
   print(f'{prefix} {note}', flush=True)
   return Result(trial, status, returncode, seconds)
 
@@ -178,7 +178,7 @@ def main(sweep_path, workdir=None, trial=None, *, extra_args=(), process_id: int
   workdir = pathlib.Path(workdir) if workdir else default_workdir(sweep)
   results = run(sweep, workdir, trial=trial, extra_args=extra_args, process_id=process_id)
   if process_id == 0:
-    sweep_summary.summarize(sweep, workdir)
+    summary.summarize(sweep, workdir)
     print(f'Summary: {workdir}/summary.md, summary.csv, loss_curves.png', flush=True)
   return 0 if results and all(r.status == 'done' for r in results) else 1
 
