@@ -30,6 +30,12 @@ _SPAWN = flags.DEFINE_integer(
 _GPU_DEFAULTS = flags.DEFINE_bool(
   'gpu_defaults', True, 'On GPUs, set the XLA / NCCL defaults of clm_jax/parallel/gpu_env.py.'
 )
+_RESTART = flags.DEFINE_bool(
+  'restart_from_scratch',
+  False,
+  'When every checkpoint in --workdir is damaged, train from step 0 instead of stopping '
+  '(the damaged ones are kept as checkpoints/<step>.damaged). An intact checkpoint still resumes.',
+)
 DISTRIBUTED_FLAGS = ('coordinator_address', 'num_processes', 'process_id', 'local_device_ids')
 
 
@@ -81,6 +87,7 @@ def train():
     flags.FLAGS.config,
     common.workdir(),
     hooks=[plan_hooks.MemoryEstimate(), tasks.CodeEval()],
+    restart_from_scratch=_RESTART.value,
   )
 
 

@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 
 from clm_jax import config as config_lib
 from clm_jax.ckpt import checkpoint
+from clm_jax.ckpt import checksums
 from clm_jax.data import tokenizer as tokenizer_lib
 from clm_jax.model import decoder as model_lib
 from clm_jax.parallel import sharding as sharding_lib
@@ -71,6 +72,9 @@ def read_params(workdir, *, step: int | None = None, mesh=None):
 
   Returns:
     (step, params in their saved dtype, config dict, tokenizer model bytes).
+
+  Raises:
+    checkpoint.CheckpointError: The step's files do not match their checksums.
   """
   directory = (pathlib.Path(workdir) / 'checkpoints').absolute()
   handlers = {
@@ -82,6 +86,9 @@ def read_params(workdir, *, step: int | None = None, mesh=None):
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'{directory} holds no checkpoint.')
+    path = directory / str(step)
+    if checksums.present(path) and (problem := checksums.verify(path)):
+      raise checkpoint.CheckpointError(f'{path} is damaged ({problem}); choose another --step.')
     meta = manager.restore(
       step,
       args=ocp.args.Composite(config=ocp.args.JsonRestore(), tokenizer=ocp.args.StandardRestore()),

@@ -54,14 +54,22 @@ class Run:
     return jax.process_index() == 0
 
 
-def run(c, workdir: str | pathlib.Path, hooks: Sequence[hooks_lib.Hook] = ()) -> dict:
-  """Trains `c` into `workdir` (resuming from its latest checkpoint); returns final metrics.
+def run(
+  c,
+  workdir: str | pathlib.Path,
+  hooks: Sequence[hooks_lib.Hook] = (),
+  *,
+  restart_from_scratch: bool = False,
+) -> dict:
+  """Trains `c` into `workdir` (resuming from its latest intact checkpoint); returns final metrics.
 
   `hooks` run after the held-out evaluation and before the stop check and save.
+  When every checkpoint in `workdir` is damaged, the run stops with
+  `checkpoint.DamagedCheckpointError`, unless `restart_from_scratch`.
   """
   r = _prepare(c, pathlib.Path(workdir))
   with jax.set_mesh(r.mesh), preemption.StopRequest() as stop:
-    _init_or_restore(r)
+    _init_or_restore(r, restart_from_scratch)
     hooks = [
       hooks_lib.Log(),
       hooks_lib.HeldoutEval(),
@@ -189,11 +197,13 @@ def _prepare(c, workdir: pathlib.Path) -> Run:
   )
 
 
-def _init_or_restore(r: Run) -> None:
-  """The latest readable checkpoint's state, else a fresh (or `train.init_from`) one."""
+def _init_or_restore(r: Run, restart_from_scratch: bool) -> None:
+  """The latest intact checkpoint's state, else a fresh (or `train.init_from`) one."""
   c, s = r.c, r.setup
   abstract = jax.eval_shape(s.init_state, jax.random.key(0))
-  restored = r.checkpointer.restore_latest(abstract, r.train_iter)
+  restored = r.checkpointer.restore_latest(
+    abstract, r.train_iter, restart_from_scratch=restart_from_scratch
+  )
   if restored is None:
     r.state, r.start_step = s.init_state(jax.random.key(c.train.seed)), 0
     if c.train.init_from:

@@ -1,4 +1,4 @@
-"""Checkpoints: exact resume after kill -9 and SIGTERM, damaged steps skipped, resharding."""
+"""Checkpoints: exact resume after kill -9 and SIGTERM, damaged steps refused or set aside."""
 
 import json
 import pathlib
@@ -111,6 +111,95 @@ def test_sigterm_saves_and_exits_0_and_the_next_start_resumes(reference, cache, 
   out = cli.train(tmp_path, cache, *FLAGS)
   assert f'resuming from {tmp_path / "checkpoints"}/{saved}' in out.stderr
   assert _metrics(tmp_path) == reference
+
+
+def _flip_4k_of_the_state(step_dir: pathlib.Path, files='*'):
+  """Inverts 4 KiB of the largest of the state's `files`; 8 KiB in, where floats are stored raw."""
+  paths = (p for p in (step_dir / 'state').rglob(files) if p.is_file())
+  path = max(paths, key=lambda p: p.stat().st_size)
+  data = bytearray(path.read_bytes())
+  data[8192 : 8192 + 4096] = bytes(b ^ 0xFF for b in data[8192 : 8192 + 4096])
+  path.write_bytes(bytes(data))
+
+
+def _files(directory: pathlib.Path) -> dict[str, bytes]:
+  return {
+    str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob('*') if p.is_file()
+  }
+
+
+def test_every_checkpoint_damaged_is_one_error_until_restart_from_scratch(cache, tmp_path):
+  checkpoints = tmp_path / 'checkpoints'
+  flags = ['--config.train.steps=8', '--config.checkpoint.every=4', '--config.train.log_every=1']
+  cli.train(tmp_path, cache, *flags)
+  first = _metrics(tmp_path)
+  for step in ('4', '8'):
+    _flip_4k_of_the_state(checkpoints / step)
+  before = _files(checkpoints)
+
+  out = cli.train(tmp_path, cache, *flags, check=False)
+  assert out.returncode == 1
+  errors = [line for line in out.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and f'every checkpoint in {checkpoints} is damaged: step 8: ' in errors[0]
+  assert '; step 4: ' in errors[0] and 'differs from its checksum' in errors[0]
+  warned = [line for line in out.stderr.splitlines() if ' is damaged (' in line]
+  assert [w.split('] ', 1)[1].split(' (')[0] for w in warned] == [
+    f'checkpoint {checkpoints / "8"} is damaged',
+    f'checkpoint {checkpoints / "4"} is damaged',
+  ]
+  for noise in ('Traceback', 'Event loop is closed', 'tensorstore_spec'):
+    assert noise not in out.stderr
+  assert _files(checkpoints) == before  # Nothing overwritten, nothing moved.
+
+  out = cli.train(tmp_path, cache, *flags, '--restart_from_scratch')
+  assert 'resuming from' not in out.stderr
+  # From step 0 again: the same run as the first, step for step.
+  lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
+  assert [json.loads(line)['step'] for line in lines].count(1) == 2
+  assert _metrics(tmp_path) == first
+  assert sorted(p.name for p in checkpoints.iterdir()) == ['4', '4.damaged', '8', '8.damaged']
+  kept = {
+    name.replace('.damaged', '', 1): body
+    for name, body in _files(checkpoints).items()
+    if name.split('/')[0].endswith('.damaged')
+  }
+  assert kept == before
+
+
+def test_two_processes_fall_back_to_the_same_step(cache, tmp_path):
+  flags = [
+    *cli.TINY,
+    f'--workdir={tmp_path}',
+    '--config.train.steps=10',
+    '--config.train.log_every=1',
+    '--config.checkpoint.every=5',
+    '--config.train.microbatches=2',
+    '--config.mesh.data=2',
+    '--config.mesh.tensor=2',
+    '--config.mesh.pipeline=2',
+    '--spawn=2',
+  ]
+  env = {**cli.env(cache), 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
+
+  def train():
+    out = subprocess.run(
+      [sys.executable, '-m', 'launch', 'train', *flags],
+      capture_output=True, text=True, cwd=cli.ROOT, env=env, timeout=900,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout + out.stderr  # The spawner relays its processes' logs to stdout.
+
+  train()
+  first = _metrics(tmp_path)
+  checkpoints = tmp_path / 'checkpoints'
+  # Process 1 wrote this file and process 0 checks it: both must take step 5, or
+  # the first collective of training waits forever.
+  _flip_4k_of_the_state(checkpoints / '10', 'ocdbt.process_1/**/*')
+  log = train()
+  assert log.count(f'resuming from {checkpoints}/5') == 2
+  assert log.count(f'checkpoint {checkpoints / "10"} is damaged') == 1
+  assert sorted(p.name for p in checkpoints.iterdir()) == ['10', '10.damaged', '5']
+  assert _metrics(tmp_path) == first  # Steps 6 to 10 again, exactly.
 
 
 def test_another_model_shape_is_a_clear_error(cache, tmp_path):
